@@ -1,0 +1,25 @@
+"""sparsegpt: one-shot pruning of large language models (SparseGPT, Frantar & Alistarh 2023)."""
+
+__version__ = "0.1.0"
+
+from sparsegpt.api import Evaluation, PruneResult, compare, evaluate, prune  # noqa: E402
+from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
+from sparsegpt.errors import SparseGPTError  # noqa: E402
+from sparsegpt.models import load_model  # noqa: E402
+from sparsegpt.pipeline import LayerRecord, prune_model  # noqa: E402
+from sparsegpt.solver import NMPattern  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "Evaluation",
+    "LayerRecord",
+    "NMPattern",
+    "PruneConfig",
+    "PruneResult",
+    "SparseGPTError",
+    "compare",
+    "evaluate",
+    "load_model",
+    "prune",
+    "prune_model",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from sparsegpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""The ``sparsegpt`` command: argument parsing and printing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparsegpt.config import METHODS, PruneConfig, parse_override
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.solver import NMPattern
+
+EXIT_USAGE = 2
+DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train --eval sotu:test"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="transformers folder, GGUF file, hub id, or alias (smollm2-135m)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="precision the model runs in; Hessians are always fp32 (default: auto)")
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    defaults = PruneConfig()
+    parser.add_argument("--sparsity", type=float, default=None, help=f"share of weights to remove (default {defaults.sparsity})")
+    parser.add_argument("--pattern", default=None, help="semi-structured N:M: N of every M inputs pruned, e.g. 2:4")
+    parser.add_argument("--calib", default="sotu:train", help="calibration text source (default sotu:train)")
+    parser.add_argument("--nsamples", type=int, default=defaults.nsamples, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=defaults.seqlen, help="tokens per window (capped at the model's context)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--damp", type=float, default=defaults.damp, help="relative Hessian damping")
+    parser.add_argument("--blocksize", type=int, default=defaults.blocksize, help="lazy-update block of columns")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="calibration windows per forward")
+    parser.add_argument("--override", action="append", default=[], metavar="PATTERN=SPARSITY|skip",
+                        help="per-layer sparsity by glob on the layer name (repeatable)")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsegpt", description="One-shot pruning of causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="prune a model and save it", epilog=DEMO_HINT)
+    _add_model_options(prune)
+    prune.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    prune.add_argument("--method", default="sparsegpt", choices=METHODS)
+    _add_prune_options(prune)
+    prune.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--data", required=True, help="text source")
+    evaluate.add_argument("--seqlen", type=int, default=2048)
+    evaluate.add_argument("--windows", type=int, default=None, help="at most N windows")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    compare = commands.add_parser("compare", help="dense and several methods side by side")
+    _add_model_options(compare)
+    compare.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
+    _add_prune_options(compare)
+    compare.add_argument("--report", type=Path, default=None, help="write the comparison as JSON here")
+
+    commands.add_parser("fetch-assets", help="download and prepare the default model and texts")
+    return parser
+
+
+def _config(args: argparse.Namespace, method: str) -> PruneConfig:
+    pattern = NMPattern.parse(args.pattern) if args.pattern else None
+    if pattern is not None and args.sparsity is not None and abs(args.sparsity - pattern.sparsity) > 1e-9:
+        raise SparseGPTError(f"--sparsity {args.sparsity} conflicts with --pattern {pattern} (which means {pattern.sparsity:g})")
+    return PruneConfig(
+        method=method,
+        sparsity=args.sparsity if args.sparsity is not None else PruneConfig.sparsity,
+        pattern=pattern,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        damp=args.damp,
+        blocksize=args.blocksize,
+        batch_size=args.batch_size,
+        overrides=tuple(parse_override(text) for text in args.override),
+    )
+
+
+def _layer_table(layers: list[Any]) -> str:
+    lines = [f"{'layer':<48} {'shape':>12} {'sparsity':>8} {'error':>9} {'seconds':>8}"]
+    for layer in layers:
+        error = f"{layer.error:.5f}" if layer.error is not None else "-"
+        shape = "x".join(str(size) for size in layer.shape)
+        lines.append(f"{layer.name:<48} {shape:>12} {layer.sparsity:>8.4f} {error:>9} {layer.seconds:>8.2f}")
+    return "\n".join(lines)
+
+
+def _comparison_table(result: dict[str, Any]) -> str:
+    sources = list(result["rows"][0]["ppl"]) if result["rows"] else []
+    header = f"{'method':<12} {'sparsity':>8} {'prune s':>8}" + "".join(f" {name:>14}" for name in sources)
+    lines = [header, "-" * len(header)]
+    for row in result["rows"]:
+        cells = "".join(f" {row['ppl'][name]:>14.2f}" for name in sources)
+        lines.append(f"{row['method']:<12} {row['sparsity']:>8.4f} {row['prune_seconds']:>8.1f}{cells}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> None:
+    import sparsegpt
+    from sparsegpt import assets, io
+
+    progress = not args.quiet
+    if args.command == "fetch-assets":
+        for path in assets.fetch_all():
+            print(path)
+        return
+    if args.command == "eval":
+        model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype)
+        evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows)
+        name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
+        if args.json:
+            print(json.dumps({"model": source, "data": name, "ppl": value}))
+        else:
+            print(f"{name}: perplexity {value:.3f} ({source})")
+        return
+    evaluations = [sparsegpt.Evaluation(source, args.seqlen, args.eval_windows) for source in args.eval]
+    if args.command == "prune":
+        config = _config(args, args.method)
+        io.check_output_folder(args.output, args.overwrite)
+        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress)
+        result.save(args.output, args.overwrite)
+        if args.report:
+            io.write_json_atomically(args.report, result.report())
+        print(_layer_table(result.layers))
+        print(f"\n{result.config.method}: sparsity {result.sparsity:.4f} in {result.prune_seconds:.1f} s; saved to {args.output}")
+        for name, value in result.ppl.items():
+            print(f"perplexity on {name}: {value:.3f}")
+        return
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    config = _config(args, "sparsegpt")
+    comparison = sparsegpt.compare(args.model, methods, config, args.calib, evaluations, args.dtype, progress)
+    if args.report:
+        io.write_json_atomically(args.report, comparison)
+    print(f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}")
+    print(_comparison_table(comparison))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not args.verbose else logging.INFO)
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        _run(args)
+    except SparseGPTError as error:
+        print(f"sparsegpt: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sparsegpt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Where the model is walked: loading checkpoints, finding decoder blocks and their linear weights.
+
+Nothing here is specific to one architecture. Decoder blocks are the largest ``nn.ModuleList`` of
+same-class modules; their prunable weights are every ``nn.Linear``, every GPT-2 style ``Conv1D`` (which
+stores its weight transposed) and every expert of a fused mixture-of-experts bank (a 3-D parameter whose
+slices are used as ``F.linear`` weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsegpt.errors import SparseGPTError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LinearWeight:
+    """One prunable weight matrix, seen as (out_features, in_features) whatever its storage layout."""
+
+    name: str
+    parameter: nn.Parameter
+    expert: int | None = None
+    transposed: bool = False
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """The tensor the forward pass hands to ``F.linear`` (or to ``addmm`` when transposed)."""
+        return self.parameter if self.expert is None else self.parameter[self.expert]
+
+    def matrix(self) -> torch.Tensor:
+        """The weight as (out, in), a view of the parameter."""
+        return self.stored.T if self.transposed else self.stored
+
+    def write(self, weight: torch.Tensor) -> None:
+        """Store a new (out, in) weight in place, in the parameter's dtype."""
+        with torch.no_grad():
+            self.matrix().copy_(weight.to(self.parameter.dtype))
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        """Identifies the tensor inside a forward pass: its storage address and shape."""
+        stored = self.stored
+        return stored.data_ptr(), tuple(stored.shape)
+
+
+@dataclass
+class Block:
+    """A decoder block and its prunable weights, in module order."""
+
+    name: str
+    module: nn.Module
+    weights: list[LinearWeight]
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder blocks: the ``nn.ModuleList`` of same-class modules holding most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise SparseGPTError("the model has no list of decoder blocks, so nothing can be pruned")
+    return best[1], best[2]
+
+
+def find_weights(block: nn.Module, prefix: str) -> list[LinearWeight]:
+    """Every prunable weight inside ``block``, named by its full module path."""
+    from transformers.pytorch_utils import Conv1D
+
+    weights: list[LinearWeight] = []
+    for name, module in block.named_modules():
+        path = f"{prefix}.{name}" if name else prefix
+        if isinstance(module, nn.Linear):
+            weights.append(LinearWeight(path, module.weight))
+        elif isinstance(module, Conv1D):
+            weights.append(LinearWeight(path, module.weight, transposed=True))
+        else:
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.ndim == 3:
+                    weights.extend(
+                        LinearWeight(f"{path}.{param_name}.{expert}", param, expert=expert)
+                        for expert in range(param.shape[0])
+                    )
+    return weights
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """The decoder blocks of ``model`` with their prunable weights. Embeddings and lm_head are outside."""
+    list_name, blocks = find_block_list(model)
+    found = [Block(f"{list_name}.{i}", block, find_weights(block, f"{list_name}.{i}")) for i, block in enumerate(blocks)]
+    if not any(block.weights for block in found):
+        raise SparseGPTError("the model's decoder blocks contain no linear layers to prune")
+    return found
+
+
+def prefer_eager_experts(model: nn.Module) -> None:
+    """Make fused mixture-of-experts layers run their per-expert ``F.linear`` loop, which hooks can see."""
+    if hasattr(model, "set_experts_implementation") and getattr(model, "_can_set_experts_implementation", None):
+        try:
+            if model._can_set_experts_implementation():
+                model.set_experts_implementation("eager")
+        except (ValueError, AttributeError) as error:
+            log.debug("could not switch experts implementation: %s", error)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters hold NaN or Inf."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise SparseGPTError(f"the model's weight {name} contains NaN or Inf")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's config admits, when it says."""
+    config = model.config
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(config, "text_config", None)
+    return getattr(text_config, "max_position_embeddings", None) if text_config is not None else None
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    """``auto`` (the checkpoint's own dtype) or one of float32, bfloat16, float16."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise SparseGPTError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
+    """Load a causal LM and its tokenizer from an alias, a GGUF file, a transformers folder or a hub id.
+
+    Returns (model in eval mode, tokenizer, a one-line description of where the weights came from).
+    """
+    from sparsegpt import assets
+
+    torch_dtype = resolve_dtype(dtype)
+    if spec in assets.MODEL_ALIASES:
+        folder = assets.model_folder(spec)
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype)
+        return model, tokenizer, assets.MODEL_ALIASES[spec].description
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SparseGPTError(f"no such GGUF file: {spec}")
+        model, tokenizer = load_gguf(path)
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+        return model, tokenizer, f"{path.name}, dequantized from GGUF"
+    if path.exists() and not path.is_dir():
+        raise SparseGPTError(f"{spec} is neither a model folder nor a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SparseGPTError(f"{spec} is not a transformers model folder (no config.json)")
+        model, tokenizer = _from_pretrained(str(path), torch_dtype)
+        return model, tokenizer, str(path)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        known = ", ".join(sorted(assets.MODEL_ALIASES))
+        raise SparseGPTError(f"no model folder, GGUF file or alias named {spec!r} (aliases: {known})")
+    model, tokenizer = _from_pretrained(spec, torch_dtype)
+    return model, tokenizer, f"{spec} from the Hugging Face Hub"
+
+
+def _from_pretrained(source: str, torch_dtype: torch.dtype | str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SparseGPTError(f"cannot load model {source}: {first_line}") from error
+    return model.eval(), tokenizer
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, object]:
+    """Dequantize a GGUF checkpoint into a plain fp32 transformers model (one that can be saved).
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, so the weights are copied
+    into a model built from the same config without the quantization entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SparseGPTError(f"cannot read GGUF file {path}: {str(error).splitlines()[0]}") from error
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = path.stem
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.tie_weights()
+    return plain.eval(), tokenizer

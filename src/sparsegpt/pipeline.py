@@ -1,0 +1,291 @@
+"""The one sequential driver, for every architecture.
+
+1. Capture what each decoder block receives (hidden states and every other positional or keyword
+   argument: masks, position ids, rotary embeddings, cache positions, alibi...) by running the model with
+   each block's forward replaced by a recorder; the last recorder stops the forward, so no block and no
+   lm_head is computed.
+2. For each block: run it over all calibration batches while observing the inputs of its linear weights
+   (layers reading the same tensor share one set of statistics), prune every weight, then run the pruned
+   block again to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from sparsegpt.config import PruneConfig
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
+from sparsegpt.solver import (
+    InputStatistics,
+    SolveResult,
+    magnitude_prune,
+    relative_output_error,
+    sparsegpt_prune,
+    wanda_prune,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one weight matrix."""
+
+    name: str
+    shape: list[int]
+    sparsity: float
+    error: float | None
+    seconds: float
+    damp: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class BlockCall:
+    """One recorded call of a block, with its hidden-states argument left out."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    hidden_position: int | None  # index in args, or None when passed as hidden_states=...
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if self.hidden_position is None:
+            kwargs["hidden_states"] = hidden
+        else:
+            args.insert(self.hidden_position, hidden)
+        output = block(*args, **kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    if args:
+        return args[0], BlockCall(args[1:], kwargs, 0)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), BlockCall((), kwargs, None)
+
+
+def _share_equal_tensors(call: BlockCall, pool: list[torch.Tensor]) -> None:
+    """Replace tensors in ``call`` that equal one already kept (e.g. from the previous batch) by that one."""
+
+    def shared(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            for kept in pool:
+                if kept is value:
+                    return kept
+                if kept.shape == value.shape and kept.dtype == value.dtype and torch.equal(kept, value):
+                    return kept
+            pool.append(value)
+            return value
+        if isinstance(value, tuple):
+            return tuple(shared(item) for item in value)
+        return value
+
+    call.args = tuple(shared(value) for value in call.args)
+    call.kwargs = {key: shared(value) for key, value in call.kwargs.items()}
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: list[Block], batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Hidden states entering the first block, per batch, and every block's other arguments, per batch.
+
+    Returns (hidden[b], calls[b][block]).
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = []
+    template: list[Any] = []  # the real output of block 0, so recorders return the same structure
+    pool: list[torch.Tensor] = []
+
+    def recorder(index: int, block: nn.Module) -> Callable[..., Any]:
+        real_forward = block.forward
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            states, call = _split_hidden(args, kwargs)
+            _share_equal_tensors(call, pool)
+            calls[-1].append(call)
+            if index == 0:
+                hidden.append(states)
+            if index == len(blocks) - 1:
+                raise _StopForward
+            if not template:
+                template.append(real_forward(*args, **kwargs))
+            shape = template[0]
+            return (states, *shape[1:]) if isinstance(shape, (tuple, list)) else states
+
+        return record
+
+    for position, block in enumerate(blocks):
+        block.module.forward = recorder(position, block.module)
+    try:
+        for batch in batches:
+            calls.append([])
+            try:
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            except _StopForward:
+                pass
+            if len(calls[-1]) != len(blocks):
+                raise SparseGPTError(
+                    f"the model ran {len(calls[-1])} of its {len(blocks)} decoder blocks; cannot prune it layer by layer"
+                )
+    finally:
+        for block in blocks:
+            del block.module.forward
+    return hidden, calls
+
+
+class LinearInputObserver(TorchFunctionMode):
+    """Accumulates the inputs of known weights as the forward pass hands them to ``F.linear``/``addmm``.
+
+    Weights are recognised by their storage address and shape, so the same code sees ``nn.Linear``,
+    GPT-2's ``Conv1D`` and slices of fused expert banks. Weights that read the very same input tensor
+    (q/k/v, gate/up) share one ``InputStatistics``.
+    """
+
+    def __init__(self, weights: list[LinearWeight], device: torch.device) -> None:
+        super().__init__()
+        self.by_key = {weight.key: weight for weight in weights}
+        self.device = device
+        self.statistics: dict[str, InputStatistics] = {}
+        self._seen: list[tuple[torch.Tensor, InputStatistics]] = []
+
+    def next_batch(self) -> None:
+        self._seen.clear()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            inputs, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            self._observe(inputs, weight)
+        elif func is torch.addmm and len(args) >= 3:
+            self._observe(args[1], args[2])
+        return func(*args, **kwargs)
+
+    def _observe(self, inputs: torch.Tensor, stored: torch.Tensor) -> None:
+        weight = self.by_key.get((stored.data_ptr(), tuple(stored.shape)))
+        if weight is None:
+            return
+        shared = next((stats for seen, stats in self._seen if seen is inputs), None)
+        statistics = self.statistics.get(weight.name)
+        if statistics is None:
+            if shared is not None:
+                self.statistics[weight.name] = shared
+                return
+            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], device=self.device)
+        elif shared is statistics:
+            return
+        statistics.add(inputs.detach())
+        self._seen.append((inputs, statistics))
+
+
+def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: InputStatistics | None) -> LayerRecord:
+    started = time.perf_counter()
+    original = weight.matrix().detach().float().clone()
+    note = None
+    hessian = stats.hessian() if stats is not None and stats.tokens > 0 else None
+    pattern = config.pattern
+    if config.method == "magnitude" or hessian is None:
+        if config.method != "magnitude":
+            note = "no calibration token reached this layer: pruned by magnitude"
+            log.warning("%s: %s", weight.name, note)
+        result: SolveResult = magnitude_prune(original, sparsity, pattern)
+    elif config.method == "wanda":
+        assert stats is not None
+        result = wanda_prune(original, stats.column_norms(), sparsity, pattern)
+    else:
+        try:
+            result = sparsegpt_prune(original, hessian, sparsity, pattern, config.blocksize, config.damp)
+        except SparseGPTError as error:
+            raise SparseGPTError(f"{weight.name}: {error}") from None
+        if result.damp != config.damp:
+            note = f"Cholesky failed at damp {config.damp:g}; succeeded at {result.damp:g}"
+        if result.dead_inputs:
+            dead = f"{result.dead_inputs} inputs never fired in calibration"
+            note = f"{note}; {dead}" if note else dead
+    weight.write(result.weight)
+    pruned = weight.matrix()
+    return LayerRecord(
+        name=weight.name,
+        shape=list(pruned.shape),
+        sparsity=float((pruned == 0).sum()) / pruned.numel(),
+        error=relative_output_error(original, result.weight, hessian) if hessian is not None else None,
+        seconds=time.perf_counter() - started,
+        damp=result.damp if config.method == "sparsegpt" and hessian is not None else None,
+        note=note,
+    )
+
+
+def _selected(blocks: list[Block], config: PruneConfig) -> list[tuple[Block, list[tuple[LinearWeight, float]]]]:
+    """Each block with the weights to prune and their sparsity; checks N:M divisibility up front."""
+    plan = []
+    for block in blocks:
+        chosen = []
+        for weight in block.weights:
+            sparsity = config.sparsity_for(weight.name)
+            if sparsity is None:
+                continue
+            width = weight.matrix().shape[1]
+            if config.pattern is not None and width % config.pattern.m:
+                raise SparseGPTError(f"{weight.name}: input width {width} is not divisible by M={config.pattern.m}")
+            chosen.append((weight, sparsity))
+        plan.append((block, chosen))
+    if not any(chosen for _, chosen in plan):
+        raise SparseGPTError("no prunable layers: every linear layer of the model is skipped")
+    return plan
+
+
+def _check_finite(hidden: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(hidden).all():
+        raise SparseGPTError(f"activations became NaN or Inf {where}")
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = False
+) -> list[LayerRecord]:
+    """Prune ``model`` in place, block by block; ``calibration`` holds token windows (nsamples, seqlen).
+
+    Returns one record per pruned weight. Magnitude pruning needs no calibration.
+    """
+    model.eval()
+    check_finite_weights(model)
+    prefer_eager_experts(model)
+    plan = _selected(find_blocks(model), config)
+    records: list[LayerRecord] = []
+    if not config.needs_calibration:
+        for block, chosen in tqdm(plan, desc="pruning blocks", disable=not progress):
+            records.extend(_solve(weight, sparsity, config, None) for weight, sparsity in chosen)
+        return records
+    if calibration is None:
+        raise SparseGPTError(f"{config.method} needs calibration data")
+    device = next(model.parameters()).device
+    batches = list(calibration.to(device).split(config.batch_size))
+    hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
+    for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
+        observer = LinearInputObserver([weight for weight, _ in chosen], device)
+        with observer:
+            for batch, states in enumerate(hidden):
+                observer.next_batch()
+                _check_finite(calls[batch][index].run(block.module, states), f"in {block.name} (dense)")
+        for weight, sparsity in chosen:
+            records.append(_solve(weight, sparsity, config, observer.statistics.get(weight.name)))
+        del observer
+        for batch, states in enumerate(hidden):
+            hidden[batch] = calls[batch][index].run(block.module, states)
+            _check_finite(hidden[batch], f"after pruning {block.name}")
+    return records

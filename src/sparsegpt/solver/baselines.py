@@ -1,0 +1,44 @@
+"""Baselines on SparseGPT's interface: magnitude pruning and Wanda (Sun et al. 2023). No weight update."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsegpt.solver.masks import lowest_k, lowest_k_per_row, n_of_m, pruned_count
+from sparsegpt.solver.sparsegpt import NMPattern, SolveResult
+
+
+def _apply(weight: torch.Tensor, mask: torch.Tensor) -> SolveResult:
+    return SolveResult(weight=weight.masked_fill(mask, 0.0), mask=mask, damp=0.0, dead_inputs=0)
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float, pattern: NMPattern | None = None) -> SolveResult:
+    """Zero the smallest |W_ij| of the whole layer (rows, cols), or the N smallest of every M-group."""
+    weight = weight.float() if weight.dtype != torch.float64 else weight
+    scores = weight.abs()
+    if pattern is not None:
+        return _apply(weight, n_of_m(scores, pattern.n, pattern.m))
+    return _apply(weight, lowest_k(scores, pruned_count(sparsity, weight.numel())))
+
+
+def wanda_prune(
+    weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float, pattern: NMPattern | None = None
+) -> SolveResult:
+    """Zero the weights of lowest |W_ij| · ‖X_j‖₂, compared within each output row (or each N:M group).
+
+    ``column_norms`` (cols,) holds the input norms ‖X_j‖₂ over the calibration tokens.
+    """
+    weight = weight.float() if weight.dtype != torch.float64 else weight
+    scores = weight.abs() * column_norms.to(weight.dtype).unsqueeze(0)
+    if pattern is not None:
+        return _apply(weight, n_of_m(scores, pattern.n, pattern.m))
+    return _apply(weight, lowest_k_per_row(scores, sparsity))
+
+
+def relative_output_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs, from H ∝ XᵀX: the share of output energy lost."""
+    hessian = hessian.to(torch.float64)
+    delta = (original - pruned).to(torch.float64)
+    lost = (delta @ hessian * delta).sum()
+    kept = (original.to(torch.float64) @ hessian * original.to(torch.float64)).sum()
+    return float(lost / kept) if kept > 0 else 0.0

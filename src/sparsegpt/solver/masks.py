@@ -1,0 +1,62 @@
+"""Mask selection with exact counts: True marks a weight to prune.
+
+Every selector takes scores where lower means "cheaper to remove" and picks exactly the requested number
+of entries (ties are broken by position, never by pruning more), so the achieved sparsity is the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pruned_count(sparsity: float, total: int) -> int:
+    """How many of ``total`` weights a ``sparsity`` share means: the nearest integer (halves round up)."""
+    return int(sparsity * total + 0.5)
+
+
+def split_count(sparsity: float, sizes: list[int]) -> list[int]:
+    """Spread ``pruned_count(sparsity, sum(sizes))`` over consecutive parts of the given sizes.
+
+    Each part gets its share of the running total, so the parts add up to exactly the whole's count and
+    no part is off by more than one from ``sparsity * size``.
+    """
+    counts, done, seen = [], 0, 0
+    for size in sizes:
+        seen += size
+        target = pruned_count(sparsity, seen)
+        counts.append(target - done)
+        done = target
+    return counts
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly the ``k`` lowest entries of ``scores`` (any shape)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = True
+    return mask.view(scores.shape)
+
+
+def lowest_k_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask pruning a ``sparsity`` share within each row of ``scores`` (rows, cols).
+
+    Rows get ``split_count`` shares, so the matrix as a whole has exactly ``pruned_count`` entries.
+    """
+    rows, cols = scores.shape
+    counts = torch.tensor(split_count(sparsity, [cols] * rows), device=scores.device)
+    order = scores.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+    return ranks < counts.unsqueeze(1)
+
+
+def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask pruning the ``n`` lowest of every ``m`` consecutive entries along each row of ``scores``."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} columns do not split into groups of {m}")
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    if n > 0:
+        mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, True)
+    return mask.view(rows, cols)

@@ -1,0 +1,147 @@
+"""SparseGPT (Frantar & Alistarh 2023, Algorithm 1): prune a linear layer while keeping its outputs.
+
+Rows of W (rows, cols) are pruned independently but share one sequence of inverse Hessians, read off the
+upper Cholesky factor U of H⁻¹. Columns are visited left to right; each removed weight's error is spread
+over the row's not-yet-visited weights (the OBS update), first inside a lazy block of columns and then, in
+one matrix product, onto everything to the right of the block. The mask is chosen adaptively at the start
+of each block (or of each N:M group) from the saliency w² / [U]²_cc.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.solver.masks import lowest_k, n_of_m, split_count
+
+log = logging.getLogger(__name__)
+
+DAMPING_STEPS = 6
+"""How many times a failed factorization is retried, with ten times the damping each time."""
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Semi-structured sparsity: ``n`` of every ``m`` consecutive weights along a row's inputs are zero."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.n < self.m:
+            raise SparseGPTError(f"N:M pattern needs 0 < N < M, got {self.n}:{self.m}")
+
+    @classmethod
+    def parse(cls, text: str) -> NMPattern:
+        """Read ``"N:M"``, e.g. ``"2:4"``."""
+        try:
+            n, m = (int(part) for part in text.split(":"))
+        except ValueError:
+            raise SparseGPTError(f"pattern must look like N:M (e.g. 2:4), got {text!r}") from None
+        return cls(n, m)
+
+    @property
+    def sparsity(self) -> float:
+        return self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass
+class SolveResult:
+    """A pruned weight (rows, cols), its mask (True = pruned) and the relative damping that was used."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    damp: float
+    dead_inputs: int
+
+
+def prepare_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy H and give inputs that never fired (zero diagonal) a unit diagonal.
+
+    Such an input cannot change the layer's outputs on the calibration data, so its weights carry no
+    error information: with a unit diagonal (and no coupling) their removal is judged by magnitude alone
+    and compensates nothing. Returns the copy and the boolean mask of dead inputs, shape (cols,).
+    """
+    hessian = hessian.clone()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    return hessian, dead
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H), so that H⁻¹ = UᵀU.
+
+    When a factorization fails the relative damping is multiplied by ten and the attempt repeated (each
+    raise is logged); after ``DAMPING_STEPS`` failures a ``SparseGPTError`` is raised. Returns U and the
+    relative damping that succeeded.
+    """
+    if not torch.isfinite(hessian).all():
+        raise SparseGPTError("the Hessian has NaN or Inf entries (non-finite layer inputs)")
+    mean_diagonal = hessian.diagonal().mean()
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for step in range(DAMPING_STEPS + 1):
+        damped = hessian + (damp * mean_diagonal) * identity
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        if step < DAMPING_STEPS:
+            log.warning("Cholesky factorization failed with damping %.3g; retrying with %.3g", damp, damp * 10)
+            damp *= 10
+    raise SparseGPTError(f"Hessian is not positive definite even with relative damping {damp:.3g}")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: NMPattern | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> SolveResult:
+    """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs.
+
+    Unstructured: each lazy block prunes its exact share of the whole layer's ``pruned_count``, chosen
+    jointly over the block's rows and columns. With ``pattern`` (N:M), ``sparsity`` is ignored and the N
+    weights of lowest saliency in every group of M inputs of each row are pruned. Computes in float64 when
+    ``weight`` is float64, else in float32.
+    """
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    rows, cols = weight.shape
+    if pattern is not None and (blocksize % pattern.m or cols % pattern.m):
+        raise SparseGPTError(f"block size {blocksize} and input width {cols} must be multiples of M={pattern.m}")
+    hessian, dead = prepare_hessian(hessian.to(compute))
+    inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp)
+    weight = weight.to(compute).clone()
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+
+    block_starts = list(range(0, cols, blocksize))
+    block_counts = split_count(sparsity, [rows * min(blocksize, cols - start) for start in block_starts])
+    for block_start, block_prune in zip(block_starts, block_counts):
+        block_end = min(block_start + blocksize, cols)
+        block = weight[:, block_start:block_end].clone()
+        block_mask = mask[:, block_start:block_end]
+        block_inverse = inverse_cholesky[block_start:block_end, block_start:block_end]
+        block_errors = torch.zeros_like(block)
+        diagonal = block_inverse.diagonal()
+        if pattern is None:
+            block_mask[:] = lowest_k(block.square() / diagonal.square(), block_prune)
+        for column in range(block_end - block_start):
+            if pattern is not None and column % pattern.m == 0:
+                group = slice(column, column + pattern.m)
+                block_mask[:, group] = n_of_m(block[:, group].square() / diagonal[group].square(), pattern.n, pattern.m)
+            kept = block[:, column].masked_fill(block_mask[:, column], 0.0)
+            error = (block[:, column] - kept) / diagonal[column]
+            block[:, column:].addr_(error, block_inverse[column, column:], alpha=-1.0)
+            block[:, column] = kept
+            block_errors[:, column] = error
+        weight[:, block_start:block_end] = block
+        weight[:, block_end:].addmm_(block_errors, inverse_cholesky[block_start:block_end, block_end:], alpha=-1.0)
+    return SolveResult(weight=weight, mask=mask, damp=damp, dead_inputs=int(dead.sum()))
