@@ -186,7 +186,8 @@ class LinearInputObserver(TorchFunctionMode):
             if shared is not None:
                 self.statistics[weight.name] = shared
                 return
-            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], device=self.device)
+            dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], dtype, self.device)
         elif shared is statistics:
             return
         statistics.add(inputs.detach())
@@ -195,7 +196,8 @@ class LinearInputObserver(TorchFunctionMode):
 
 def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: InputStatistics | None) -> LayerRecord:
     started = time.perf_counter()
-    original = weight.matrix().detach().float().clone()
+    compute = torch.float64 if weight.parameter.dtype == torch.float64 else torch.float32
+    original = weight.matrix().detach().to(compute, copy=True)
     note = None
     hessian = stats.hessian() if stats is not None and stats.tokens > 0 else None
     pattern = config.pattern

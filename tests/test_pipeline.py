@@ -1,0 +1,134 @@
+"""The sequential pipeline on tiny models of every supported architecture."""
+
+import copy
+
+import pytest
+import torch
+
+from sparsegpt import PruneConfig, prune_model
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.models import find_blocks
+from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
+from tiny import ARCHITECTURES, VOCAB, tiny_model
+
+
+def calibration(nsamples=6, seqlen=16, seed=1):
+    return torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_prunes_end_to_end(arch):
+    model = tiny_model(arch)
+    weights = [weight for block in find_blocks(model) for weight in block.weights]
+    records = prune_model(model, PruneConfig(batch_size=4), calibration())  # batches of 4 and 2 windows
+    assert [record.name for record in records] == [weight.name for weight in weights]
+    for weight in weights:
+        matrix = weight.matrix()
+        assert int((matrix == 0).sum()) == pruned_count(0.5, matrix.numel()), weight.name
+    logits = model(calibration(2)).logits
+    assert torch.isfinite(logits).all()
+    if arch in ("mixtral", "qwen2_moe"):
+        experts = [weight for weight in weights if weight.expert is not None]
+        assert len(experts) == 2 * 2 * 4  # blocks x (gate_up, down) x experts
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_n_of_m_and_wanda_and_magnitude_end_to_end(arch):
+    for config in (PruneConfig(pattern=NMPattern(2, 4), blocksize=16), PruneConfig(method="wanda", sparsity=0.6),
+                   PruneConfig(method="magnitude", pattern=NMPattern(4, 8))):
+        model = tiny_model(arch)
+        records = prune_model(model, config, calibration())
+        for block in find_blocks(model):
+            for weight in block.weights:
+                matrix = weight.matrix()
+                if config.pattern:
+                    m = config.pattern.m
+                    groups = (matrix == 0).view(matrix.shape[0], -1, m).sum(dim=2)
+                    assert torch.all(groups == config.pattern.n), weight.name
+                else:
+                    assert int((matrix == 0).sum()) == pruned_count(0.6, matrix.numel())
+        assert all(record.error is not None for record in records) == config.needs_calibration
+
+
+def _hooked_hessians(model, block, batches):
+    """The Hessians of ``block``'s linear layers from plain forward hooks on a whole-model forward."""
+    sums, counts, handles = {}, {}, []
+    for weight in block.weights:
+        module = model.get_submodule(weight.name)
+
+        def hook(module, inputs, output, name=weight.name):
+            rows = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + rows.T @ rows
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        handles.append(module.register_forward_hook(hook))
+    for batch in batches:
+        model(batch)
+    for handle in handles:
+        handle.remove()
+    return {name: 2 * sums[name] / counts[name] for name in sums}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bloom", "opt"])
+def test_pipeline_equals_layerwise_solves_on_pruned_prefix(arch):
+    """Block i must be solved on the inputs produced by blocks < i *after* they were pruned."""
+    dense = tiny_model(arch, dtype=torch.float64)
+    pruned = copy.deepcopy(dense)
+    windows = calibration(5, 12)
+    prune_model(pruned, PruneConfig(blocksize=16, batch_size=2), windows)
+    dense_blocks, pruned_blocks = find_blocks(dense), find_blocks(pruned)
+    for index, block in enumerate(dense_blocks):
+        probe = copy.deepcopy(pruned)
+        probe_blocks = find_blocks(probe)
+        for weight, original in zip(probe_blocks[index].weights, block.weights):
+            weight.write(original.matrix())
+        hessians = _hooked_hessians(probe, probe_blocks[index], windows.split(3))
+        for original, result in zip(block.weights, pruned_blocks[index].weights):
+            expected = sparsegpt_prune(original.matrix(), hessians[original.name], 0.5, blocksize=16).weight
+            torch.testing.assert_close(result.matrix(), expected, rtol=1e-7, atol=1e-9, msg=original.name)
+
+
+def test_layers_reading_one_input_share_statistics():
+    from sparsegpt.pipeline import LinearInputObserver
+
+    model = tiny_model("llama")
+    block = find_blocks(model)[0]
+    observer = LinearInputObserver(block.weights, torch.device("cpu"))
+    with observer:
+        observer.next_batch()
+        block.module(torch.randn(1, 5, 32), position_embeddings=model.model.rotary_emb(
+            torch.randn(1, 5, 32), torch.arange(5)[None]), attention_mask=None)
+    stats = {name.split(".")[-1]: value for name, value in observer.statistics.items()}
+    assert stats["q_proj"] is stats["k_proj"] is stats["v_proj"]
+    assert stats["gate_proj"] is stats["up_proj"]
+    assert stats["o_proj"] is not stats["q_proj"] and stats["down_proj"] is not stats["gate_proj"]
+    assert stats["q_proj"].tokens == 5
+
+
+def test_overrides_skip_and_set_sparsity():
+    model = tiny_model("llama")
+    config = PruneConfig(overrides=(("*.mlp.*", 0.25), ("*.layers.1.*", None)))
+    records = prune_model(model, config, calibration())
+    names = {record.name: record for record in records}
+    assert not any(".layers.1." in name for name in names)
+    assert names["model.layers.0.mlp.down_proj"].sparsity == 0.25
+    assert names["model.layers.0.self_attn.q_proj"].sparsity == 0.5
+    assert not (model.model.layers[1].mlp.down_proj.weight == 0).any()
+    with pytest.raises(SparseGPTError, match="no prunable layers"):
+        prune_model(tiny_model("llama"), PruneConfig(overrides=(("*", None),)), calibration())
+
+
+def test_bad_numbers_are_refused():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SparseGPTError, match="NaN or Inf"):
+        prune_model(model, PruneConfig(), calibration())
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e30)  # finite weights, infinite activations
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e30)
+    with pytest.raises(SparseGPTError, match="NaN or Inf"):
+        prune_model(model, PruneConfig(), calibration())
+    with pytest.raises(SparseGPTError, match="not divisible"):
+        prune_model(tiny_model("llama"), PruneConfig(pattern=NMPattern(2, 3), blocksize=3), calibration())

@@ -1,0 +1,177 @@
+"""The solver against the slow transcription, exact counts and patterns, and its error against baselines."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference import slow_sparsegpt
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.solver import (
+    InputStatistics,
+    NMPattern,
+    inverse_hessian_cholesky,
+    lowest_k,
+    lowest_k_per_row,
+    magnitude_prune,
+    n_of_m,
+    pruned_count,
+    relative_output_error,
+    sparsegpt_prune,
+    split_count,
+    wanda_prune,
+)
+
+
+def problem(rows, cols, tokens=256, seed=0, dead=()):
+    """A weight and the Hessian of correlated inputs, in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64) / cols**0.5
+    inputs = torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ (torch.eye(cols) + mixing)
+    inputs[:, list(dead)] = 0.0
+    stats = InputStatistics(cols, dtype=torch.float64)
+    stats.add(inputs)
+    weight = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    return weight, stats.hessian(), inputs
+
+
+@pytest.mark.parametrize(
+    "rows, cols, sparsity, pattern, blocksize, dead",
+    [
+        (12, 64, 0.5, None, 16, ()),
+        (7, 40, 0.3, None, 16, ()),  # ragged last block, odd row count
+        (8, 48, 0.75, None, 128, (3, 17)),  # one block, dead inputs
+        (10, 32, 0.5, (2, 4), 16, ()),
+        (6, 48, 0.5, (4, 8), 16, (5,)),
+        (5, 36, 0.25, (1, 4), 12, ()),
+    ],
+)
+def test_fast_solver_equals_slow_transcription(rows, cols, sparsity, pattern, blocksize, dead):
+    weight, hessian, _ = problem(rows, cols, dead=dead)
+    result = sparsegpt_prune(weight, hessian, sparsity, NMPattern(*pattern) if pattern else None, blocksize, 0.01)
+    expected_weight, expected_mask = slow_sparsegpt(weight, hessian, sparsity, pattern, blocksize, 0.01)
+    assert torch.equal(result.mask, expected_mask)
+    torch.testing.assert_close(result.weight, expected_weight, rtol=1e-9, atol=1e-9)
+    assert result.dead_inputs == len(dead)
+
+
+def test_hessian_is_twice_the_mean_outer_product_and_skips_padding():
+    inputs = torch.randn(3, 5, 4, dtype=torch.float64)
+    keep = torch.rand(3, 5) > 0.3
+    stats = InputStatistics(4, dtype=torch.float64)
+    stats.add(inputs[:2], keep[:2])
+    stats.add(inputs[2:], keep[2:])
+    rows = inputs[keep]
+    torch.testing.assert_close(stats.hessian(), 2 * rows.T @ rows / rows.shape[0])
+    assert stats.tokens == int(keep.sum())
+    torch.testing.assert_close(stats.column_norms(), rows.norm(dim=0))
+
+
+def test_inverse_cholesky_factor_gives_the_damped_inverse():
+    _, hessian, _ = problem(4, 24)
+    upper, damp = inverse_hessian_cholesky(hessian, 0.01)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
+    assert torch.equal(upper, upper.triu()) and damp == 0.01
+
+
+def test_failed_factorization_raises_damping_and_records_it(caplog):
+    hessian = -torch.eye(6, dtype=torch.float64)  # negative definite: fails until damping dominates
+    hessian[0, 0] = 30.0
+    upper, damp = inverse_hessian_cholesky(hessian, 0.01)
+    assert damp > 0.01 and torch.isfinite(upper).all()
+    assert "retrying" in caplog.text
+
+
+def test_hopeless_hessian_raises_instead_of_falling_back():
+    with pytest.raises(SparseGPTError, match="not positive definite"):
+        inverse_hessian_cholesky(-torch.eye(4), 0.01)
+    with pytest.raises(SparseGPTError, match="NaN or Inf"):
+        inverse_hessian_cholesky(torch.full((3, 3), float("nan")), 0.01)
+
+
+def test_ties_never_over_prune():
+    scores = torch.zeros(4, 8)  # every score tied
+    assert int(lowest_k(scores, 13).sum()) == 13
+    assert int(lowest_k_per_row(scores, 0.5).sum()) == 16
+    weight = torch.ones(4, 8)  # all saliencies tied in the solver too
+    result = sparsegpt_prune(weight, torch.eye(8) * 2, 0.5, blocksize=4)
+    assert int(result.mask.sum()) == 16 and int((result.weight == 0).sum()) == 16
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 40),
+    sparsity=st.floats(0, 0.99),
+    blocksize=st.integers(1, 24),
+    seed=st.integers(0, 10_000),
+)
+def test_unstructured_sparsity_is_exact(rows, cols, sparsity, blocksize, seed):
+    weight, hessian, _ = problem(rows, cols, tokens=64, seed=seed)
+    result = sparsegpt_prune(weight.float(), hessian.float(), sparsity, blocksize=blocksize)
+    expected = pruned_count(sparsity, rows * cols)
+    assert int(result.mask.sum()) == expected
+    assert int((result.weight == 0).sum()) == expected
+    assert not result.weight[result.mask].any()
+    assert sum(split_count(sparsity, [cols] * rows)) == expected
+    assert int(lowest_k_per_row(weight, sparsity).sum()) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_m=st.sampled_from([(1, 2), (2, 4), (4, 8), (1, 4), (3, 8)]),
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    method=st.sampled_from(["sparsegpt", "wanda", "magnitude"]),
+)
+def test_n_of_m_groups_are_valid(n_m, rows, groups, seed, method):
+    n, m = n_m
+    cols = m * groups
+    weight, hessian, inputs = problem(rows, cols, tokens=64, seed=seed)
+    pattern = NMPattern(n, m)
+    if method == "sparsegpt":
+        result = sparsegpt_prune(weight, hessian, 0.0, pattern, blocksize=m * 2)
+    elif method == "wanda":
+        result = wanda_prune(weight, inputs.norm(dim=0), 0.0, pattern)
+    else:
+        result = magnitude_prune(weight, 0.0, pattern)
+    per_group = result.mask.view(rows, groups, m).sum(dim=2)
+    assert torch.all(per_group == n)
+    assert not result.weight[result.mask].any()
+    assert torch.equal(n_of_m(weight.abs(), n, m).view(rows, groups, m).sum(dim=2), per_group)
+
+
+def test_pattern_parsing_and_validation():
+    assert NMPattern.parse("2:4") == NMPattern(2, 4)
+    for bad in ("4:4", "5:4", "0:4", "2-4", "a:b"):
+        with pytest.raises(SparseGPTError):
+            NMPattern.parse(bad)
+    weight, hessian, _ = problem(4, 30)
+    with pytest.raises(SparseGPTError, match="multiples of M"):
+        sparsegpt_prune(weight, hessian, 0.5, NMPattern(2, 4), blocksize=16)
+
+
+def test_wanda_compares_within_rows_with_input_norms():
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    norms = torch.tensor([10.0, 1.0, 1.0, 1.0])
+    result = wanda_prune(weight, norms, 0.5)
+    # scores row 0: 10, 2, 3, 4 -> prune columns 1, 2; row 1: 40, 3, 2, 1 -> prune columns 2, 3
+    assert result.mask.tolist() == [[False, True, True, False], [False, False, True, True]]
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_sparsegpt_error_below_baselines(pattern):
+    weight, hessian, inputs = problem(64, 128, tokens=512, seed=3)
+    errors = {
+        "sparsegpt": sparsegpt_prune(weight, hessian, 0.5, pattern, 32).weight,
+        "wanda": wanda_prune(weight, inputs.norm(dim=0), 0.5, pattern).weight,
+        "magnitude": magnitude_prune(weight, 0.5, pattern).weight,
+    }
+    errors = {name: relative_output_error(weight, pruned, hessian) for name, pruned in errors.items()}
+    assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"]
+    direct = ((weight - magnitude_prune(weight, 0.5, pattern).weight) @ inputs.T).square().sum()
+    assert relative_output_error(weight, magnitude_prune(weight, 0.5, pattern).weight, hessian) == pytest.approx(
+        float(direct / (weight @ inputs.T).square().sum())
+    )
