@@ -30,9 +30,7 @@ def slow_sparsegpt(weight, hessian, sparsity, pattern=None, blocksize=128, damp=
     for j in range(cols):
         if pattern is None and j % blocksize == 0:
             end = min(j + blocksize, cols)
-            saliency = torch.stack(
-                [weight[:, c] ** 2 / free_inverse(c)[0, 0] for c in range(j, end)], dim=1
-            )
+            saliency = torch.stack([weight[:, c] ** 2 / free_inverse(c)[0, 0] for c in range(j, end)], dim=1)
             count = rounded(sparsity * rows * end) - rounded(sparsity * rows * j)
             order = torch.argsort(saliency.flatten(), stable=True)[:count]
             block_mask = torch.zeros(saliency.numel(), dtype=torch.bool)

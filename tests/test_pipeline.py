@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 from sparsegpt import PruneConfig, prune_model
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import find_blocks
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
-from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 
 def calibration(nsamples=6, seqlen=16, seed=1):
@@ -34,8 +34,11 @@ def test_every_architecture_prunes_end_to_end(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_n_of_m_and_wanda_and_magnitude_end_to_end(arch):
-    for config in (PruneConfig(pattern=NMPattern(2, 4), blocksize=16), PruneConfig(method="wanda", sparsity=0.6),
-                   PruneConfig(method="magnitude", pattern=NMPattern(4, 8))):
+    for config in (
+        PruneConfig(pattern=NMPattern(2, 4), blocksize=16),
+        PruneConfig(method="wanda", sparsity=0.6),
+        PruneConfig(method="magnitude", pattern=NMPattern(4, 8)),
+    ):
         model = tiny_model(arch)
         records = prune_model(model, config, calibration())
         for block in find_blocks(model):
@@ -96,8 +99,11 @@ def test_layers_reading_one_input_share_statistics():
     observer = LinearInputObserver(block.weights, torch.device("cpu"))
     with observer:
         observer.next_batch()
-        block.module(torch.randn(1, 5, 32), position_embeddings=model.model.rotary_emb(
-            torch.randn(1, 5, 32), torch.arange(5)[None]), attention_mask=None)
+        block.module(
+            torch.randn(1, 5, 32),
+            position_embeddings=model.model.rotary_emb(torch.randn(1, 5, 32), torch.arange(5)[None]),
+            attention_mask=None,
+        )
     stats = {name.split(".")[-1]: value for name, value in observer.statistics.items()}
     assert stats["q_proj"] is stats["k_proj"] is stats["v_proj"]
     assert stats["gate_proj"] is stats["up_proj"]

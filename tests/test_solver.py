@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import slow_sparsegpt
+
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import (
     InputStatistics,

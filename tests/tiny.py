@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def tiny_config(arch: str):
@@ -19,30 +26,62 @@ def tiny_config(arch: str):
     if arch == "qwen2":
         return t.Qwen2Config(**COMMON)
     if arch == "gemma3":
-        return t.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=6,
-                                  layer_types=["sliding_attention", "full_attention"])
+        return t.Gemma3TextConfig(
+            **COMMON, head_dim=8, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
+        )
     if arch == "phi3":
         return t.Phi3Config(**COMMON, pad_token_id=0)
     if arch == "opt":
-        return t.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=128)
+        return t.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+        )
     if arch == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
     if arch == "gpt_neox":
-        return t.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, max_position_embeddings=128)
+        return t.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
     if arch == "bloom":
         return t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
     if arch == "mixtral":
         return t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
     if arch == "qwen2_moe":
-        return t.Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+        return t.Qwen2MoeConfig(
+            **COMMON,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     raise ValueError(arch)
 
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox", "bloom", "mixtral",
-                 "qwen2_moe"]
+ARCHITECTURES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma3",
+    "phi3",
+    "opt",
+    "gpt2",
+    "gpt_neox",
+    "bloom",
+    "mixtral",
+    "qwen2_moe",
+]
 
 
 def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
@@ -55,13 +94,14 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with a vocabulary of VOCAB tokens, trained on a few sentences."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100]
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")

@@ -6,6 +6,7 @@ from sparsegpt.api import Evaluation, PruneResult, compare, evaluate, prune  # n
 from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
 from sparsegpt.errors import SparseGPTError  # noqa: E402
 from sparsegpt.models import load_model  # noqa: E402
+from sparsegpt import data  # noqa: E402
 from sparsegpt.pipeline import LayerRecord, prune_model  # noqa: E402
 from sparsegpt.solver import NMPattern  # noqa: E402
 

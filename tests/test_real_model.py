@@ -1,0 +1,61 @@
+"""The real default model (smollm2-135m) and texts, fetched into the cache by `make test`'s setup."""
+
+import pytest
+import torch
+
+import sparsegpt
+from sparsegpt import Evaluation, PruneConfig
+from sparsegpt.models import find_blocks
+from sparsegpt.solver import NMPattern, pruned_count
+
+pytestmark = pytest.mark.real
+
+SMALL = dict(nsamples=16, seqlen=256)
+EVAL = [Evaluation("sotu:test", seqlen=512, windows=6)]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    model, tokenizer, _ = sparsegpt.load_model("smollm2-135m")
+    return model, tokenizer, {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def fresh(dense):
+    model, tokenizer, state = dense
+    model.load_state_dict(state)
+    return model, tokenizer
+
+
+def test_default_model_is_the_dequantized_smollm2(dense):
+    model, tokenizer, _ = dense
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert len(find_blocks(model)) == 30 and model.config.hidden_size == 576
+    assert tokenizer("The").input_ids[0] != tokenizer.bos_token_id  # no BOS added, as configured
+
+
+def test_dense_perplexity_matches_the_recorded_value(dense):
+    _, value = sparsegpt.evaluate(*fresh(dense), EVAL[0])
+    assert value == pytest.approx(22.643, rel=0.002)  # first 6 windows; all 314 windows: see bench/acceptance.py
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_sparsegpt_beats_magnitude_and_round_trips_through_disk(dense, pattern, tmp_path):
+    result = sparsegpt.prune(fresh(dense), PruneConfig(pattern=pattern, **SMALL), "sotu:train", EVAL)
+    for block in find_blocks(result.model):
+        for weight in block.weights:
+            zeros = weight.matrix() == 0
+            if pattern is None:
+                assert int(zeros.sum()) == pruned_count(0.5, zeros.numel()), weight.name
+            else:
+                assert torch.all(zeros.view(zeros.shape[0], -1, 4).sum(dim=2) == 2), weight.name
+    result.save(tmp_path / "pruned")
+    reloaded, tokenizer, _ = sparsegpt.load_model(str(tmp_path / "pruned"))
+    assert sparsegpt.evaluate(reloaded, tokenizer, EVAL[0])[1] == pytest.approx(result.ppl["sotu:test"], rel=1e-6)
+    magnitude = sparsegpt.prune(fresh(dense), PruneConfig(method="magnitude", pattern=pattern), None, EVAL)
+    assert result.ppl["sotu:test"] * 1.5 < magnitude.ppl["sotu:test"]
+
+
+def test_enwiki_is_plain_article_text():
+    text = sparsegpt.data.load_text("enwiki").content
+    assert len(text) > 1_000_000
+    assert "[[" not in text and "{{" not in text and "#REDIRECT" not in text.upper()
