@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsegpt.cli import main
+
 from tiny import tiny_model, tiny_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
@@ -38,8 +39,22 @@ def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, e
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    args = ["prune", str(workspace / "model"), "-o", str(out), "--calib", str(workspace / "calib.txt"),
-            "--nsamples", "4", "--seqlen", "16", "--eval", str(workspace / "texts"), "--report", str(tmp_path / "r.json")]
+    args = [
+        "prune",
+        str(workspace / "model"),
+        "-o",
+        str(out),
+        "--calib",
+        str(workspace / "calib.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--eval",
+        str(workspace / "texts"),
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
     code, stdout, stderr = run(capsys, *args, *extra)
     assert code == 0, stderr
     report = json.loads((out / "sparsegpt_report.json").read_text())
@@ -55,9 +70,23 @@ def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, e
 
 
 def test_compare_prints_one_table(workspace, capsys, tmp_path):
-    code, stdout, stderr = run(capsys, "compare", str(workspace / "model"), "--methods", "dense,magnitude,sparsegpt",
-                               "--calib", str(workspace / "calib.txt"), "--nsamples", "4", "--seqlen", "16",
-                               "--eval", str(workspace / "calib.txt"), "--report", str(tmp_path / "c.json"))
+    code, stdout, stderr = run(
+        capsys,
+        "compare",
+        str(workspace / "model"),
+        "--methods",
+        "dense,magnitude,sparsegpt",
+        "--calib",
+        str(workspace / "calib.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--eval",
+        str(workspace / "calib.txt"),
+        "--report",
+        str(tmp_path / "c.json"),
+    )
     assert code == 0, stderr
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["dense", "magnitude", "sparsegpt"]
@@ -87,7 +116,10 @@ def bad_inputs(root):
         "sparsity too big": (["prune", model, *out, *calib, "--sparsity", "1.0"], "[0, 1)"),
         "negative sparsity": (["prune", model, *out, *calib, "--sparsity", "-0.1"], "[0, 1)"),
         "N >= M": (["prune", model, *out, *calib, "--pattern", "4:4"], "0 < N < M"),
-        "width not divisible": (["prune", model, *out, *calib, "--pattern", "2:3", "--blocksize", "3"], "not divisible"),
+        "width not divisible": (
+            ["prune", model, *out, *calib, "--pattern", "2:3", "--blocksize", "3"],
+            "not divisible",
+        ),
         "short text": (["prune", model, *out, "--calib", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
         "empty file": (["prune", model, *out, "--calib", str(root / "empty.txt")], "is empty"),
         "not utf-8": (["prune", model, *out, "--calib", str(root / "latin1.txt")], "not UTF-8"),
@@ -113,8 +145,9 @@ def test_overwrite_replaces_the_folder_whole(workspace, capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    code, _, stderr = run(capsys, "prune", str(workspace / "model"), "-o", str(out), "--method", "magnitude",
-                          "--overwrite")
+    code, _, stderr = run(
+        capsys, "prune", str(workspace / "model"), "-o", str(out), "--method", "magnitude", "--overwrite"
+    )
     assert code == 0, stderr
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind

@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 from sparsegpt import PruneConfig, prune_model
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import find_blocks
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
+
+from tiny import ARCHITECTURES, VOCAB, tiny_model
 
 
 def calibration(nsamples=6, seqlen=16, seed=1):

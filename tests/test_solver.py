@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import slow_sparsegpt
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import (
@@ -21,6 +20,8 @@ from sparsegpt.solver import (
     split_count,
     wanda_prune,
 )
+
+from reference import slow_sparsegpt
 
 
 def problem(rows, cols, tokens=256, seed=0, dead=()):

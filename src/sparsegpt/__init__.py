@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
+from sparsegpt import data  # noqa: E402
 from sparsegpt.api import Evaluation, PruneResult, compare, evaluate, prune  # noqa: E402
 from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
 from sparsegpt.errors import SparseGPTError  # noqa: E402
 from sparsegpt.models import load_model  # noqa: E402
-from sparsegpt import data  # noqa: E402
 from sparsegpt.pipeline import LayerRecord, prune_model  # noqa: E402
 from sparsegpt.solver import NMPattern  # noqa: E402
 
@@ -19,6 +19,7 @@ __all__ = [
     "PruneResult",
     "SparseGPTError",
     "compare",
+    "data",
     "evaluate",
     "load_model",
     "prune",
