@@ -107,11 +107,9 @@ def calibration_windows(model: nn.Module, tokenizer: Any, text: data.Text, confi
     return data.calibration_windows(data.tokenize(text, tokenizer), config.nsamples, seqlen, config.seed)
 
 
-def evaluate(
-    model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress: bool = False, text: data.Text | None = None
-) -> tuple[str, float]:
+def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress: bool = False) -> tuple[str, float]:
     """Perplexity of ``model`` on a source; returns (source name, perplexity)."""
-    text = text or data.load_text(evaluation.source, data.EVALUATION)
+    text = data.load_text(evaluation.source, data.EVALUATION)
     seqlen = capped_seqlen(model, evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
     return text.name, perplexity(model, windows, progress=progress)
