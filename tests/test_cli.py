@@ -25,6 +25,11 @@ def workspace(tmp_path_factory):
     return root
 
 
+def calibration(workspace):
+    """Options for a tiny calibration: four 16-token windows of the workspace's text."""
+    return ["--calib", str(workspace / "calib.txt"), "--nsamples", "4", "--seqlen", "16"]
+
+
 def run(capsys, *argv):
     code = main(["-q", *argv])
     captured = capsys.readouterr()
@@ -44,12 +49,7 @@ def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, e
         str(workspace / "model"),
         "-o",
         str(out),
-        "--calib",
-        str(workspace / "calib.txt"),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "16",
+        *calibration(workspace),
         "--eval",
         str(workspace / "texts"),
         "--report",
@@ -76,12 +76,7 @@ def test_compare_prints_one_table(workspace, capsys, tmp_path):
         str(workspace / "model"),
         "--methods",
         "dense,magnitude,sparsegpt",
-        "--calib",
-        str(workspace / "calib.txt"),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "16",
+        *calibration(workspace),
         "--eval",
         str(workspace / "calib.txt"),
         "--report",
