@@ -287,6 +287,8 @@ def prune_model(
         for weight, sparsity in chosen:
             records.append(_solve(weight, sparsity, config, observer.statistics.get(weight.name)))
         del observer
+        if index == len(plan) - 1:
+            break  # the last block's outputs feed nothing that is pruned
         for batch, states in enumerate(hidden):
             hidden[batch] = calls[batch][index].run(block.module, states)
             _check_finite(hidden[batch], f"after pruning {block.name}")
