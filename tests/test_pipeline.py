@@ -54,6 +54,24 @@ def test_n_of_m_and_wanda_and_magnitude_end_to_end(arch):
         assert all(record.error is not None for record in records) == config.needs_calibration
 
 
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_bfloat16_model_prunes_with_float32_statistics(pattern):
+    """A bf16 model: activations stay bf16, the Hessians and the solve run in fp32, weights return as bf16."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    records = prune_model(model, PruneConfig(pattern=pattern, blocksize=16), calibration())
+    for block in find_blocks(model):
+        for weight in block.weights:
+            matrix = weight.matrix()
+            assert matrix.dtype == torch.bfloat16
+            if pattern is None:
+                assert int((matrix == 0).sum()) == pruned_count(0.5, matrix.numel()), weight.name
+            else:
+                groups = (matrix == 0).view(matrix.shape[0], -1, pattern.m).sum(dim=2)
+                assert torch.all(groups == pattern.n), weight.name
+    assert all(record.error is not None and 0 <= record.error < 1 for record in records)
+    assert torch.isfinite(model(calibration(2)).logits.float()).all()
+
+
 def _hooked_hessians(model, block, batches):
     """The Hessians of ``block``'s linear layers from plain forward hooks on a whole-model forward."""
     sums, counts, handles = {}, {}, []
