@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import sparsegpt
 from sparsegpt.models import find_blocks
-from sparsegpt.pipeline import LinearInputObserver, capture_block_inputs
+from sparsegpt.pipeline import advance_block, capture_block_inputs, observe_block
 from sparsegpt.solver import NMPattern, relative_output_error, sparsegpt_prune
 
 
@@ -46,14 +46,10 @@ def main() -> None:
     blocks = find_blocks(model)
     hidden, calls = capture_block_inputs(model, blocks, batches)
     ratios, agreements = [], []
-    for index, block in enumerate(blocks):
-        observer = LinearInputObserver(block.weights, torch.device("cpu"))
-        with observer:
-            for batch, states in enumerate(hidden):
-                observer.next_batch()
-                calls[batch][index].run(block.module, states)
+    for block, block_calls in zip(blocks, calls):
+        statistics = observe_block(block, block.weights, hidden, block_calls, torch.device("cpu"))
         for weight in block.weights:
-            hessian = observer.statistics[weight.name].hessian()
+            hessian = statistics[weight.name].hessian()
             dense = weight.matrix().detach().clone()
             ours = sparsegpt_prune(dense, hessian, args.sparsity, pattern).weight
             theirs = peer[weight.name + ".weight"].detach()
@@ -68,8 +64,7 @@ def main() -> None:
                 flush=True,
             )
             weight.write(theirs.clone())
-        for batch, states in enumerate(hidden):
-            hidden[batch] = calls[batch][index].run(block.module, states)
+        advance_block(block, hidden, block_calls)
     summary = {
         "layers": len(ratios),
         "peer_over_ours_error": {"min": min(ratios), "max": max(ratios)},

@@ -18,25 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparsegpt
 from sparsegpt import PruneConfig, data
+from sparsegpt.evaluate import window_nll
 from sparsegpt.pipeline import prune_model
 from sparsegpt.solver import NMPattern
 
 SEQLEN = 512
-
-
-@torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each window's predicted tokens, shape (windows,)."""
-    out = []
-    for batch in windows.split(4):
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        out.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1))
-    return torch.cat(out)
 
 
 def main() -> None:
@@ -74,7 +64,7 @@ def main() -> None:
             started = time.perf_counter()
             prune_model(model, config, windows)
             seconds = time.perf_counter() - started
-        nll = window_nll(peer if peer is not None else model, test)
+        nll = window_nll(peer if peer is not None else model, test) / (test.shape[1] - 1)  # mean per token
         torch.save(nll, args.out / f"nll-{name.replace(':', '-').replace('=', '-')}.pt")
         row = {"run": name, "ppl": math.exp(nll.mean()), "ppl_first_64": math.exp(nll[:64].mean())}
         print(json.dumps({**row, "prune_seconds": round(seconds, 1)}), flush=True)

@@ -13,21 +13,25 @@ from sparsegpt.errors import SparseGPTError
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """exp(mean negative log-likelihood) of every token after the first in each window (windows, seqlen).
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> torch.Tensor:
+    """Summed negative log-likelihood of every token after the first, per window: shape (windows,), fp64.
 
     Logits are scored in fp32 whatever dtype the model runs in.
     """
     model.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    sums = []
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        sums.append(nll.sum(dim=1).double().cpu())
+    return torch.cat(sums)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp(mean negative log-likelihood) of every token after the first in each window (windows, seqlen)."""
+    total_nll = float(window_nll(model, windows, batch_size, progress).sum())
     if not math.isfinite(total_nll):
         raise SparseGPTError("the model produced NaN or Inf logits during evaluation")
-    return math.exp(total_nll / total_tokens)
+    return math.exp(total_nll / (windows.shape[0] * (windows.shape[1] - 1)))

@@ -105,7 +105,7 @@ def capture_block_inputs(
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Hidden states entering the first block, per batch, and every block's other arguments, per batch.
 
-    Returns (hidden[b], calls[b][block]).
+    Returns (hidden[b], calls[block][b]).
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
@@ -146,7 +146,7 @@ def capture_block_inputs(
     finally:
         for block in blocks:
             del block.module.forward
-    return hidden, calls
+    return hidden, [list(per_block) for per_block in zip(*calls)]
 
 
 class LinearInputObserver(TorchFunctionMode):
@@ -256,6 +256,25 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
         raise SparseGPTError(f"activations became NaN or Inf {where}")
 
 
+def observe_block(
+    block: Block, weights: list[LinearWeight], hidden: list[torch.Tensor], calls: list[BlockCall], device: torch.device
+) -> dict[str, InputStatistics]:
+    """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics."""
+    observer = LinearInputObserver(weights, device)
+    with observer:
+        for states, call in zip(hidden, calls):
+            observer.next_batch()
+            _check_finite(call.run(block.module, states), f"in {block.name} (dense)")
+    return observer.statistics
+
+
+def advance_block(block: Block, hidden: list[torch.Tensor], calls: list[BlockCall]) -> None:
+    """Replace each batch's hidden states, in place, by ``block``'s outputs (the next block's inputs)."""
+    for batch, (states, call) in enumerate(zip(hidden, calls)):
+        hidden[batch] = call.run(block.module, states)
+        _check_finite(hidden[batch], f"after pruning {block.name}")
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = False
@@ -279,17 +298,11 @@ def prune_model(
     batches = list(calibration.to(device).split(config.batch_size))
     hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
     for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
-        observer = LinearInputObserver([weight for weight, _ in chosen], device)
-        with observer:
-            for batch, states in enumerate(hidden):
-                observer.next_batch()
-                _check_finite(calls[batch][index].run(block.module, states), f"in {block.name} (dense)")
+        statistics = observe_block(block, [weight for weight, _ in chosen], hidden, calls[index], device)
         for weight, sparsity in chosen:
-            records.append(_solve(weight, sparsity, config, observer.statistics.get(weight.name)))
-        del observer
+            records.append(_solve(weight, sparsity, config, statistics.get(weight.name)))
+        del statistics
         if index == len(plan) - 1:
             break  # the last block's outputs feed nothing that is pruned
-        for batch, states in enumerate(hidden):
-            hidden[batch] = calls[batch][index].run(block.module, states)
-            _check_finite(hidden[batch], f"after pruning {block.name}")
+        advance_block(block, hidden, calls[index])
     return records
