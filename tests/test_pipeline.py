@@ -17,6 +17,15 @@ def calibration(nsamples=6, seqlen=16, seed=1):
     return torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_pruned(matrix, sparsity, pattern, name):
+    """Exactly the layer's count of zeros (unstructured), or exactly N zeros in every group of M (N:M)."""
+    if pattern is None:
+        assert int((matrix == 0).sum()) == pruned_count(sparsity, matrix.numel()), name
+    else:
+        groups = (matrix == 0).view(matrix.shape[0], -1, pattern.m).sum(dim=2)
+        assert torch.all(groups == pattern.n), name
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_prunes_end_to_end(arch):
     model = tiny_model(arch)
@@ -24,8 +33,7 @@ def test_every_architecture_prunes_end_to_end(arch):
     records = prune_model(model, PruneConfig(batch_size=4), calibration())  # batches of 4 and 2 windows
     assert [record.name for record in records] == [weight.name for weight in weights]
     for weight in weights:
-        matrix = weight.matrix()
-        assert int((matrix == 0).sum()) == pruned_count(0.5, matrix.numel()), weight.name
+        assert_pruned(weight.matrix(), 0.5, None, weight.name)
     logits = model(calibration(2)).logits
     assert torch.isfinite(logits).all()
     if arch in ("mixtral", "qwen2_moe"):
@@ -44,13 +52,7 @@ def test_n_of_m_and_wanda_and_magnitude_end_to_end(arch):
         records = prune_model(model, config, calibration())
         for block in find_blocks(model):
             for weight in block.weights:
-                matrix = weight.matrix()
-                if config.pattern:
-                    m = config.pattern.m
-                    groups = (matrix == 0).view(matrix.shape[0], -1, m).sum(dim=2)
-                    assert torch.all(groups == config.pattern.n), weight.name
-                else:
-                    assert int((matrix == 0).sum()) == pruned_count(0.6, matrix.numel())
+                assert_pruned(weight.matrix(), 0.6, config.pattern, weight.name)
         assert all(record.error is not None for record in records) == config.needs_calibration
 
 
@@ -61,15 +63,25 @@ def test_bfloat16_model_prunes_with_float32_statistics(pattern):
     records = prune_model(model, PruneConfig(pattern=pattern, blocksize=16), calibration())
     for block in find_blocks(model):
         for weight in block.weights:
-            matrix = weight.matrix()
-            assert matrix.dtype == torch.bfloat16
-            if pattern is None:
-                assert int((matrix == 0).sum()) == pruned_count(0.5, matrix.numel()), weight.name
-            else:
-                groups = (matrix == 0).view(matrix.shape[0], -1, pattern.m).sum(dim=2)
-                assert torch.all(groups == pattern.n), weight.name
+            assert weight.matrix().dtype == torch.bfloat16
+            assert_pruned(weight.matrix(), 0.5, pattern, weight.name)
     assert all(record.error is not None and 0 <= record.error < 1 for record in records)
     assert torch.isfinite(model(calibration(2)).logits.float()).all()
+
+
+def test_restored_model_prunes_like_a_fresh_one():
+    """Pruning leaves no state behind: a model restored after earlier prunes prunes bit for bit like a fresh one."""
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model.state_dict())
+    prune_model(model, PruneConfig(), calibration())
+    prune_model(model, PruneConfig(method="magnitude", pattern=NMPattern(2, 4)))
+    model.load_state_dict(dense)
+    fresh = tiny_model("llama")
+    config = PruneConfig(pattern=NMPattern(2, 4), blocksize=16)
+    prune_model(model, config, calibration())
+    prune_model(fresh, config, calibration())
+    for (name, restored), new in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(restored, new), name
 
 
 def _hooked_hessians(model, block, batches):
