@@ -24,8 +24,8 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        sums.append(nll.sum(dim=1).double().cpu())
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        sums.append(nll.view(batch.shape[0], -1).sum(dim=1).double().cpu())
     return torch.cat(sums)
 
 
