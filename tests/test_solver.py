@@ -68,6 +68,18 @@ def test_hessian_is_twice_the_mean_outer_product_and_skips_padding():
     torch.testing.assert_close(stats.column_norms(), rows.norm(dim=0))
 
 
+def test_norms_only_statistics_match_the_gram_diagonal():
+    inputs = torch.randn(3, 5, 4, dtype=torch.float64)
+    full, norms = InputStatistics(4, dtype=torch.float64), InputStatistics(4, dtype=torch.float64, full=False)
+    for batch in inputs:
+        full.add(batch)
+        norms.add(batch)
+    torch.testing.assert_close(norms.column_norms(), full.column_norms())
+    assert norms.gram is None and norms.tokens == full.tokens == 15
+    with pytest.raises(ValueError, match="only column norms"):
+        norms.hessian()
+
+
 def test_inverse_cholesky_factor_gives_the_damped_inverse():
     _, hessian, _ = problem(4, 24)
     upper, damp = inverse_hessian_cholesky(hessian, 0.01)

@@ -55,6 +55,11 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         return self.method != "magnitude"
 
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether the full XᵀX is needed; Wanda needs only its diagonal."""
+        return self.method == "sparsegpt"
+
     def sparsity_for(self, layer: str) -> float | None:
         """The sparsity of one layer, or None when it is skipped."""
         sparsity: float | None = self.target_sparsity

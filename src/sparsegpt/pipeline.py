@@ -154,13 +154,14 @@ class LinearInputObserver(TorchFunctionMode):
 
     Weights are recognised by their storage address and shape, so the same code sees ``nn.Linear``,
     GPT-2's ``Conv1D`` and slices of fused expert banks. Weights that read the very same input tensor
-    (q/k/v, gate/up) share one ``InputStatistics``.
+    (q/k/v, gate/up) share one ``InputStatistics``; ``full=False`` keeps only the column norms.
     """
 
-    def __init__(self, weights: list[LinearWeight], device: torch.device) -> None:
+    def __init__(self, weights: list[LinearWeight], device: torch.device, full: bool = True) -> None:
         super().__init__()
         self.by_key = {weight.key: weight for weight in weights}
         self.device = device
+        self.full = full
         self.statistics: dict[str, InputStatistics] = {}
         self._seen: list[tuple[torch.Tensor, InputStatistics]] = []
 
@@ -187,7 +188,7 @@ class LinearInputObserver(TorchFunctionMode):
                 self.statistics[weight.name] = shared
                 return
             dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], dtype, self.device)
+            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], dtype, self.device, self.full)
         elif shared is statistics:
             return
         statistics.add(inputs.detach())
@@ -199,9 +200,10 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
     compute = torch.float64 if weight.parameter.dtype == torch.float64 else torch.float32
     original = weight.matrix().detach().to(compute, copy=True)
     note = None
-    hessian = stats.hessian() if stats is not None and stats.tokens > 0 else None
+    reached = stats is not None and stats.tokens > 0
+    hessian = stats.hessian() if stats is not None and reached and stats.full else None
     pattern = config.pattern
-    if config.method == "magnitude" or hessian is None:
+    if config.method == "magnitude" or not reached:
         if config.method != "magnitude":
             note = "no calibration token reached this layer: pruned by magnitude"
             log.warning("%s: %s", weight.name, note)
@@ -210,6 +212,7 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
         assert stats is not None
         result = wanda_prune(original, stats.column_norms(), sparsity, pattern)
     else:
+        assert hessian is not None
         try:
             result = sparsegpt_prune(original, hessian, sparsity, pattern, config.blocksize, config.damp)
         except SparseGPTError as error:
@@ -257,10 +260,16 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
 
 
 def observe_block(
-    block: Block, weights: list[LinearWeight], hidden: list[torch.Tensor], calls: list[BlockCall], device: torch.device
+    block: Block,
+    weights: list[LinearWeight],
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    device: torch.device,
+    full: bool = True,
 ) -> dict[str, InputStatistics]:
-    """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics."""
-    observer = LinearInputObserver(weights, device)
+    """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics
+    (full Gram matrices, or only column norms when ``full`` is False)."""
+    observer = LinearInputObserver(weights, device, full)
     with observer:
         for states, call in zip(hidden, calls):
             observer.next_batch()
@@ -298,7 +307,8 @@ def prune_model(
     batches = list(calibration.to(device).split(config.batch_size))
     hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
     for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
-        statistics = observe_block(block, [weight for weight, _ in chosen], hidden, calls[index], device)
+        weights = [weight for weight, _ in chosen]
+        statistics = observe_block(block, weights, hidden, calls[index], device, config.needs_hessian)
         for weight, sparsity in chosen:
             records.append(_solve(weight, sparsity, config, statistics.get(weight.name)))
         del statistics
