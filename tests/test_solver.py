@@ -21,19 +21,7 @@ from sparsegpt.solver import (
     wanda_prune,
 )
 
-from reference import slow_sparsegpt
-
-
-def problem(rows, cols, tokens=256, seed=0, dead=()):
-    """A weight and the Hessian of correlated inputs, in float64."""
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64) / cols**0.5
-    inputs = torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ (torch.eye(cols) + mixing)
-    inputs[:, list(dead)] = 0.0
-    stats = InputStatistics(cols, dtype=torch.float64)
-    stats.add(inputs)
-    weight = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
-    return weight, stats.hessian(), inputs
+from reference import problem, slow_sparsegpt
 
 
 @pytest.mark.parametrize(

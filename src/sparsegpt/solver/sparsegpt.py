@@ -5,6 +5,11 @@ upper Cholesky factor U of H⁻¹. Columns are visited left to right; each remov
 over the row's not-yet-visited weights (the OBS update), first inside a lazy block of columns and then, in
 one matrix product, onto everything to the right of the block. The mask is chosen adaptively at the start
 of each block (or of each N:M group) from the saliency w² / [U]²_cc.
+
+Joint quantization (the paper's section 3.5) rides on the same sweep: each kept weight is rounded to its
+group's grid as its column is visited, and the rounding error is compensated exactly like a pruning error
+(with no pruning this is GPTQ). A group's grid is fitted when the sweep reaches the group's first column, on
+the row's weights of that group as they are then, so it sees all compensation made so far.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver.masks import lowest_k, n_of_m, split_count
+from sparsegpt.solver.quant import QuantGrid, dequantize, fit_grid, quantize
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +59,17 @@ class NMPattern:
 
 @dataclass
 class SolveResult:
-    """A pruned weight (rows, cols), its mask (True = pruned) and the relative damping that was used."""
+    """A pruned weight (rows, cols), its mask (True = pruned) and the relative damping that was used.
+
+    When quantized, ``scales`` and ``zeros`` (rows, groups) give each kept weight's grid.
+    """
 
     weight: torch.Tensor
     mask: torch.Tensor
     damp: float
     dead_inputs: int
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
 
 
 def prepare_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,22 +116,26 @@ def sparsegpt_prune(
     pattern: NMPattern | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
+    grid: QuantGrid | None = None,
 ) -> SolveResult:
     """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs.
 
     Unstructured: each lazy block prunes its exact share of the whole layer's ``pruned_count``, chosen
     jointly over the block's rows and columns. With ``pattern`` (N:M), ``sparsity`` is ignored and the N
-    weights of lowest saliency in every group of M inputs of each row are pruned. Computes in float64 when
-    ``weight`` is float64, else in float32.
+    weights of lowest saliency in every group of M inputs of each row are pruned. With ``grid``, kept
+    weights are also quantized. Computes in float64 when ``weight`` is float64, else in float32.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     rows, cols = weight.shape
     if pattern is not None and (blocksize % pattern.m or cols % pattern.m):
         raise SparseGPTError(f"block size {blocksize} and input width {cols} must be multiples of M={pattern.m}")
+    group = _check_groups(grid, cols, blocksize) if grid is not None else cols
     hessian, dead = prepare_hessian(hessian.to(compute))
     inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp)
     weight = weight.to(compute).clone()
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    scales = torch.zeros(rows, cols // group, dtype=compute, device=weight.device)
+    zeros = torch.zeros_like(scales)
 
     block_starts = list(range(0, cols, blocksize))
     block_counts = split_count(sparsity, [rows * min(blocksize, cols - start) for start in block_starts])
@@ -135,13 +150,37 @@ def sparsegpt_prune(
             block_mask[:] = lowest_k(block.square() / diagonal.square(), block_prune)
         for column in range(block_end - block_start):
             if pattern is not None and column % pattern.m == 0:
-                group = slice(column, column + pattern.m)
-                block_mask[:, group] = n_of_m(block[:, group].square() / diagonal[group].square(), pattern.n, pattern.m)
+                span = slice(column, column + pattern.m)
+                block_mask[:, span] = n_of_m(block[:, span].square() / diagonal[span].square(), pattern.n, pattern.m)
             kept = block[:, column].masked_fill(block_mask[:, column], 0.0)
+            if grid is not None:
+                index, offset = divmod(block_start + column, group)
+                if offset == 0:  # the group starts here: its columns right of the block are up to date too
+                    beyond = weight[:, block_end : block_start + column + group]
+                    current = torch.cat([block[:, column : column + group], beyond], dim=1)
+                    scales[:, index], zeros[:, index] = fit_grid(current, grid)
+                scale, zero = scales[:, index], zeros[:, index]
+                rounded = dequantize(quantize(kept, scale, zero, grid.max_code), scale, zero)
+                kept = rounded.masked_fill(block_mask[:, column], 0.0)
             error = (block[:, column] - kept) / diagonal[column]
             block[:, column:].addr_(error, block_inverse[column, column:], alpha=-1.0)
             block[:, column] = kept
             block_errors[:, column] = error
         weight[:, block_start:block_end] = block
         weight[:, block_end:].addmm_(block_errors, inverse_cholesky[block_start:block_end, block_end:], alpha=-1.0)
-    return SolveResult(weight=weight, mask=mask, damp=damp, dead_inputs=int(dead.sum()))
+    if grid is None:
+        return SolveResult(weight=weight, mask=mask, damp=damp, dead_inputs=int(dead.sum()))
+    return SolveResult(weight, mask, damp, int(dead.sum()), scales, zeros)
+
+
+def _check_groups(grid: QuantGrid, cols: int, blocksize: int) -> int:
+    """The group width; every group must start a lazy block or lie inside one, so that the weights it
+    is fitted on have received every compensation from the columns left of it."""
+    group = grid.group(cols)
+    for start in range(0, cols, group):
+        if start % blocksize and start // blocksize != (start + group - 1) // blocksize:
+            raise SparseGPTError(
+                f"quantization group size {group} and block size {blocksize} do not align "
+                "(one must be a multiple of the other)"
+            )
+    return group
