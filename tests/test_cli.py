@@ -123,6 +123,15 @@ def bad_inputs(root):
         "inf in weights": (["prune", str(root / "nan_model"), *out, *calib], "NaN or Inf"),
         "bad override": (["prune", model, *out, *calib, "--override", "*=lots"], "neither a number"),
         "eval short text": (["eval", model, "--data", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
+        "too many bits": (["prune", model, *out, *calib, "--bits", "9"], "between 2 and 8"),
+        "group without bits": (["prune", model, *out, *calib, "--group-size", "16"], "needs bits"),
+        "bits with wanda": (
+            ["prune", model, *out, *calib, "--bits", "4", "--method", "wanda"],
+            "needs method sparsegpt",
+        ),
+        "group not dividing": (["prune", model, *out, *calib, "--bits", "4", "--group-size", "24"], "does not divide"),
+        "pack a missing folder": (["pack", str(root / "nope"), str(root / "new_out")], "no such folder"),
+        "unpack a plain folder": (["unpack", model, str(root / "new_out")], "not a compact folder"),
     }
 
 
@@ -146,3 +155,27 @@ def test_overwrite_replaces_the_folder_whole(workspace, capsys, tmp_path):
     assert code == 0, stderr
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+
+
+def test_quantized_compact_prune_evaluates_and_converts(workspace, capsys, tmp_path):
+    out = tmp_path / "compact"
+    args = ["prune", str(workspace / "model"), "-o", str(out), *calibration(workspace), "--blocksize", "16"]
+    args += ["--bits", "4", "--group-size", "16", "--format", "compact", "--eval", str(workspace / "texts")]
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0, stderr
+    assert (out / "sparsegpt_compact.json").is_file() and not (out / "model.safetensors").exists()
+    report = json.loads((out / "sparsegpt_report.json").read_text())
+    assert report["config"]["bits"] == 4
+    assert 0.5 <= report["sparsity"] < 0.6  # the pruned half, plus kept weights that round to zero
+    code, stdout, _ = run(capsys, "eval", str(out), "--data", str(workspace / "texts"), "--seqlen", "16", "--json")
+    assert code == 0 and json.loads(stdout)["ppl"] == pytest.approx(report["ppl"]["texts"], rel=1e-5)
+    code, stdout, stderr = run(capsys, "unpack", str(out), str(tmp_path / "plain"))
+    assert code == 0, stderr
+    assert (tmp_path / "plain" / "model.safetensors").is_file()
+    assert (tmp_path / "plain" / "sparsegpt_quant.safetensors").is_file()
+    code, stdout, stderr = run(capsys, "pack", str(tmp_path / "plain"), str(tmp_path / "again"))
+    assert code == 0 and "sparse" in stdout, stderr
+    first = (out / "sparsegpt_compact.json").read_text()
+    assert json.loads((tmp_path / "again" / "sparsegpt_compact.json").read_text()) == json.loads(first)
+    code, _, stderr = run(capsys, "pack", str(tmp_path / "plain"), str(tmp_path / "again"))
+    assert code == 2 and "not empty" in stderr

@@ -4,11 +4,13 @@ __version__ = "0.1.0"
 
 from sparsegpt import data  # noqa: E402
 from sparsegpt.api import Evaluation, PruneResult, compare, evaluate, prune  # noqa: E402
+from sparsegpt.compact import pack_folder, unpack_folder  # noqa: E402
 from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
 from sparsegpt.errors import SparseGPTError  # noqa: E402
-from sparsegpt.models import load_model  # noqa: E402
+from sparsegpt.models import load_model, load_pretrained  # noqa: E402
 from sparsegpt.pipeline import LayerRecord, prune_model  # noqa: E402
 from sparsegpt.solver import NMPattern  # noqa: E402
+from sparsegpt.solver.quant import QuantGrid  # noqa: E402
 
 __all__ = [
     "METHODS",
@@ -17,11 +19,15 @@ __all__ = [
     "NMPattern",
     "PruneConfig",
     "PruneResult",
+    "QuantGrid",
     "SparseGPTError",
     "compare",
     "data",
     "evaluate",
     "load_model",
+    "load_pretrained",
+    "pack_folder",
     "prune",
     "prune_model",
+    "unpack_folder",
 ]

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsegpt import data
+from sparsegpt import compact, data
 from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
-from sparsegpt.models import context_length, load_model
+from sparsegpt.models import context_length, find_blocks, load_model
 from sparsegpt.pipeline import LayerRecord, prune_model
 
 log = logging.getLogger(__name__)
@@ -62,21 +63,62 @@ class PruneResult:
             "ppl": self.ppl,
             "model": self.model_source,
             "calibration": self.calibration,
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
             "config": self.config.to_dict(),
             "versions": versions(),
         }
 
-    def save(self, out: Path, overwrite: bool = False) -> None:
-        """Write a transformers folder (safetensors, config, tokenizer) plus the report, atomically."""
+    def quant_specs(self) -> dict[str, compact.QuantSpec]:
+        """The grid of every quantized weight tensor, by its state-dict name."""
+        return quant_specs(self.model, self.layers, self.config)
+
+    def save(self, out: Path, overwrite: bool = False, compact_format: bool = False) -> None:
+        """Write a transformers folder (safetensors, config, tokenizer, the quantization grids when
+        quantized) plus the report, atomically; or, with ``compact_format``, the compact folder."""
 
         def fill(folder: Path) -> None:
-            self.model.save_pretrained(folder)
+            plain = folder / "plain" if compact_format else folder
+            plain.mkdir(exist_ok=True)
+            self.model.save_pretrained(plain)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(folder)
-            write_json_atomically(folder / REPORT_NAME, self.report())
+                self.tokenizer.save_pretrained(plain)
+            compact.write_quant_sidecar(plain, self.quant_specs())
+            write_json_atomically(plain / REPORT_NAME, self.report())
+            if compact_format:
+                compact.pack_into(plain, folder, self.config.pattern_candidates)
+                shutil.rmtree(plain)
 
         write_folder_atomically(out, fill, overwrite)
+
+
+def quant_specs(model: nn.Module, layers: list[LayerRecord], config: PruneConfig) -> dict[str, compact.QuantSpec]:
+    """Gather the per-weight grids of ``layers`` by state-dict tensor (expert slices stacked in order).
+
+    A tensor some of whose experts were not quantized gets no grid (it is then stored with its values).
+    """
+    grid = config.grid
+    if grid is None:
+        return {}
+    parameters = dict(model.named_parameters())
+    names = {id(param): name for name, param in parameters.items()}
+    weights = {weight.name: weight for block in find_blocks(model) for weight in block.weights}
+    slices: dict[str, list[tuple[int, LayerRecord, bool]]] = {}
+    for layer in layers:
+        if layer.scales is None or layer.zeros is None:
+            continue
+        weight = weights[layer.name]
+        slices.setdefault(names[id(weight.parameter)], []).append((weight.expert or 0, layer, weight.transposed))
+    specs = {}
+    for name, parts in slices.items():
+        parts.sort(key=lambda part: part[0])
+        experts = parameters[name].shape[0] if parameters[name].ndim == 3 else 1
+        if len(parts) != experts:
+            log.warning("%s: only %d of %d experts were quantized; stored unquantized", name, len(parts), experts)
+            continue
+        scales = torch.cat([layer.scales for _, layer, _ in parts if layer.scales is not None])
+        zeros = torch.cat([layer.zeros for _, layer, _ in parts if layer.zeros is not None])
+        specs[name] = compact.QuantSpec(grid, scales.to(torch.float16), zeros.to(torch.uint8), parts[0][2])
+    return specs
 
 
 def versions() -> dict[str, str]:

@@ -64,8 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     prune.add_argument("--method", default="sparsegpt", choices=METHODS)
     _add_prune_options(prune)
+    prune.add_argument("--bits", type=int, default=None, help="also quantize kept weights to 2..8 bits (GPTQ grid)")
+    prune.add_argument(
+        "--group-size", type=int, default=None, help="inputs per quantization group (default: the whole row)"
+    )
+    prune.add_argument("--symmetric", action="store_true", help="symmetric quantization grid (default asymmetric)")
+    prune.add_argument(
+        "--format",
+        default="dense",
+        choices=["dense", "compact"],
+        help="dense: a plain transformers folder; compact: kept values + packed masks (docs/FORMAT.md)",
+    )
     prune.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    for name, text in (
+        ("pack", "convert a transformers folder into a compact one"),
+        ("unpack", "convert a compact folder back into a transformers folder"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("source", type=Path, help="input folder")
+        command.add_argument("output", type=Path, help="output folder")
+        command.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
     _add_model_options(evaluate)
@@ -85,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, method: str) -> PruneConfig:
+    quantization = {
+        "bits": getattr(args, "bits", None),
+        "group_size": getattr(args, "group_size", None),
+        "symmetric": getattr(args, "symmetric", False),
+    }
     pattern = NMPattern.parse(args.pattern) if args.pattern else None
     if pattern is not None and args.sparsity is not None and abs(args.sparsity - pattern.sparsity) > 1e-9:
         raise SparseGPTError(
@@ -101,6 +126,7 @@ def _config(args: argparse.Namespace, method: str) -> PruneConfig:
         blocksize=args.blocksize,
         batch_size=args.batch_size,
         overrides=tuple(parse_override(text) for text in args.override),
+        **quantization,
     )
 
 
@@ -132,6 +158,20 @@ def _run(args: argparse.Namespace) -> None:
         for path in assets.fetch_all():
             print(path)
         return
+    if args.command in ("pack", "unpack"):
+        if not args.source.is_dir():
+            raise SparseGPTError(f"no such folder: {args.source}")
+        if args.command == "pack":
+            manifest = sparsegpt.pack_folder(args.source, args.output, args.overwrite)
+            stored = sum(entry["bytes"] for entry in manifest["tensors"].values())
+            sparse = sum(entry["encoding"] != "plain" for entry in manifest["tensors"].values())
+            print(
+                f"packed {len(manifest['tensors'])} tensors ({sparse} sparse), {stored / 2**20:.1f} MiB, into {args.output}"
+            )
+        else:
+            sparsegpt.unpack_folder(args.source, args.output, args.overwrite)
+            print(f"unpacked into {args.output}")
+        return
     if args.command == "eval":
         model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype)
         evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows)
@@ -146,7 +186,7 @@ def _run(args: argparse.Namespace) -> None:
         config = _config(args, args.method)
         io.check_output_folder(args.output, args.overwrite)
         result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress)
-        result.save(args.output, args.overwrite)
+        result.save(args.output, args.overwrite, compact_format=args.format == "compact")
         if args.report:
             io.write_json_atomically(args.report, result.report())
         print(_layer_table(result.layers))
@@ -177,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    from sparsegpt.runtime import keep_freed_memory
+
+    keep_freed_memory()
     try:
         _run(args)
     except SparseGPTError as error:

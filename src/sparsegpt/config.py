@@ -7,6 +7,7 @@ from fnmatch import fnmatchcase
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
+from sparsegpt.solver.quant import QuantGrid
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -16,7 +17,9 @@ class PruneConfig:
     """How to prune.
 
     ``pattern`` (N:M) replaces ``sparsity`` by N/M. ``overrides`` are (glob on the layer name, sparsity)
-    pairs, the last match winning; a sparsity of ``None`` skips the layer.
+    pairs, the last match winning; a sparsity of ``None`` skips the layer. ``bits`` quantizes the kept
+    weights jointly (SparseGPT only; with sparsity 0 this is GPTQ), on grids per row and ``group_size``
+    inputs (None = the whole row), ``symmetric`` or not.
     """
 
     method: str = "sparsegpt"
@@ -29,10 +32,19 @@ class PruneConfig:
     blocksize: int = 128
     batch_size: int = 8
     overrides: tuple[tuple[str, float | None], ...] = ()
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SparseGPTError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits is not None:
+            QuantGrid(self.bits, self.group_size, self.symmetric)  # validates both
+            if self.method != "sparsegpt":
+                raise SparseGPTError(f"quantization (bits) needs method sparsegpt, not {self.method}")
+        elif self.group_size is not None or self.symmetric:
+            raise SparseGPTError("a group size or symmetric grid needs bits")
         _check_sparsity(self.sparsity, "sparsity")
         for pattern, value in self.overrides:
             if value is not None:
@@ -50,6 +62,18 @@ class PruneConfig:
     @property
     def target_sparsity(self) -> float:
         return self.pattern.sparsity if self.pattern is not None else self.sparsity
+
+    @property
+    def grid(self) -> QuantGrid | None:
+        return QuantGrid(self.bits, self.group_size, self.symmetric) if self.bits is not None else None
+
+    @property
+    def pattern_candidates(self) -> tuple[tuple[int, int], ...]:
+        """N:M patterns the compact format tries: this config's, and the common 2:4 and 4:8."""
+        common = ((2, 4), (4, 8))
+        if self.pattern is None or (self.pattern.n, self.pattern.m) in common:
+            return common
+        return ((self.pattern.n, self.pattern.m), *common)
 
     @property
     def needs_calibration(self) -> bool:

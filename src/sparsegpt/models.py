@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsegpt import compact
 from sparsegpt.errors import SparseGPTError
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SparseGPTError(f"{spec} is not a transformers model folder (no config.json)")
+        if compact.is_compact(path):
+            return compact.load_compact(path, torch_dtype), _tokenizer(str(path)), f"{path} (compact)"
         model, tokenizer = _from_pretrained(str(path), torch_dtype)
         return model, tokenizer, str(path)
     if spec.count("/") != 1 or spec.startswith((".", "/")):
@@ -180,16 +183,38 @@ def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
     return model, tokenizer, f"{spec} from the Hugging Face Hub"
 
 
-def _from_pretrained(source: str, torch_dtype: torch.dtype | str) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(path: str | Path, dtype: str = "auto") -> nn.Module:
+    """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call."""
+    folder = Path(path)
+    torch_dtype = resolve_dtype(dtype)
+    if not (folder / "config.json").is_file():
+        raise SparseGPTError(f"{folder} is not a transformers model folder (no config.json)")
+    if compact.is_compact(folder):
+        return compact.load_compact(folder, torch_dtype)
+    return _from_pretrained(str(folder), torch_dtype, tokenizer=False)[0]
+
+
+def _from_pretrained(source: str, torch_dtype: torch.dtype | str, tokenizer: bool = True) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SparseGPTError(f"cannot load model {source}: {first_line}") from error
-    return model.eval(), tokenizer
+        raise SparseGPTError(f"cannot load model {source}: {_first_line(error)}") from error
+    return model.eval(), _tokenizer(source) if tokenizer else None
+
+
+def _tokenizer(source: str) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot load the tokenizer of {source}: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_gguf(path: Path) -> tuple[nn.Module, object]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,14 @@ class LayerRecord:
     seconds: float
     damp: float | None = None
     note: str | None = None
+    scales: torch.Tensor | None = field(default=None, repr=False)  # quantized: grid per (row, group)
+    zeros: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the report shows it (grids left out)."""
+        summary = asdict(self)
+        del summary["scales"], summary["zeros"]
+        return summary
 
 
 @dataclass
@@ -207,14 +215,19 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
         if config.method != "magnitude":
             note = "no calibration token reached this layer: pruned by magnitude"
             log.warning("%s: %s", weight.name, note)
-        result: SolveResult = magnitude_prune(original, sparsity, pattern)
+        if config.grid is None:
+            result: SolveResult = magnitude_prune(original, sparsity, pattern)
+        else:  # with a unit Hessian the sweep is magnitude pruning plus rounding to the nearest grid point
+            unit = torch.eye(original.shape[1], dtype=compute, device=original.device)
+            result = sparsegpt_prune(original, unit, sparsity, pattern, config.blocksize, 0.0, config.grid)
+            note = f"{note} and rounded to the grid"
     elif config.method == "wanda":
         assert stats is not None
         result = wanda_prune(original, stats.column_norms(), sparsity, pattern)
     else:
         assert hessian is not None
         try:
-            result = sparsegpt_prune(original, hessian, sparsity, pattern, config.blocksize, config.damp)
+            result = sparsegpt_prune(original, hessian, sparsity, pattern, config.blocksize, config.damp, config.grid)
         except SparseGPTError as error:
             raise SparseGPTError(f"{weight.name}: {error}") from None
         if result.damp != config.damp:
@@ -232,6 +245,8 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
         seconds=time.perf_counter() - started,
         damp=result.damp if config.method == "sparsegpt" and hessian is not None else None,
         note=note,
+        scales=result.scales,
+        zeros=result.zeros,
     )
 
 

@@ -1,0 +1,597 @@
+"""The compact checkpoint (docs/FORMAT.md, version 1): pruned weights as kept values plus a packed mask.
+
+A sparse weight is stored as the values it keeps (in its dtype, or as packed integer codes with float16
+scales and uint8 zero points when it was quantized) and where they are: a bitmask, or for N:M tensors the
+in-group positions of the kept values. Every other tensor is stored as it is. ``pack_folder`` and
+``unpack_folder`` convert between a transformers folder and a compact one, tensor for tensor bit-exactly;
+``load_pretrained`` turns either into a transformers model, decoding one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.io import write_folder_atomically, write_json_atomically
+from sparsegpt.solver.quant import QuantGrid, dequantize, quantize
+
+FORMAT_NAME = "sparsegpt-compact"
+FORMAT_VERSION = 1
+MANIFEST = "sparsegpt_compact.json"
+QUANT_SIDECAR = "sparsegpt_quant.safetensors"
+"""In a plain folder: the grids (scales, zero points) of quantized weights, so that pack can store codes."""
+DENSE_INDEX = "model.safetensors.index.json"
+NM_CANDIDATES = ((2, 4), (4, 8))
+
+
+@dataclass
+class QuantSpec:
+    """The grid of one quantized weight, over its matrix view (see ``matrix_view``)."""
+
+    grid: QuantGrid
+    scales: torch.Tensor  # float16 (rows, groups)
+    zeros: torch.Tensor  # uint8 (rows, groups)
+    transposed: bool = False
+
+
+# --- bit streams -------------------------------------------------------------------------------------
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integers below 2^bits as one little-endian bit stream: value i occupies bits
+    [i·bits, (i+1)·bits), bit k of the stream is bit k % 8 of byte k // 8. Returns uint8 bytes."""
+    values = values.reshape(-1).to(torch.uint8)
+    if 8 % bits == 0:  # whole values per byte: 1, 2, 4 or 8 bits
+        fields = values, 8 // bits, bits
+    else:  # one bit per byte first, then eight of them per byte
+        fields = torch.stack([(values >> bit) & 1 for bit in range(bits)], dim=1).reshape(-1), 8, 1
+    stream, per_byte, width = fields
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % per_byte)).view(-1, per_byte)
+    packed = stream[:, 0].clone()
+    for index in range(1, per_byte):
+        packed |= stream[:, index] << (index * width)
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first ``count`` values of a ``pack_bits`` stream, as uint8."""
+    packed = packed.reshape(-1)
+    if 8 % bits == 0:
+        mask = (1 << bits) - 1
+        fields = [(packed >> (index * bits)) & mask for index in range(8 // bits)]
+        return torch.stack(fields, dim=1).reshape(-1)[:count]
+    stream = torch.stack([(packed >> bit) & 1 for bit in range(8)], dim=1).reshape(-1)[: count * bits]
+    stream = stream.view(count, bits)
+    values = stream[:, 0].clone()
+    for bit in range(1, bits):
+        values |= stream[:, bit] << bit
+    return values
+
+
+def index_bits(m: int) -> int:
+    """Bits per in-group position of an N:M tensor: ceil(log2 M)."""
+    return max(1, math.ceil(math.log2(m)))
+
+
+# --- one tensor --------------------------------------------------------------------------------------
+
+
+def matrix_view(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The (rows, cols) matrix a tensor is encoded as: its last dim as columns, or its transpose."""
+    if transposed:
+        return tensor.T
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _integer_view(tensor: torch.Tensor) -> torch.Tensor:
+    integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(integer)
+
+
+def nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """True where an entry's bit pattern is not all zeros (so -0.0 counts as kept: packing is bit-exact)."""
+    return _integer_view(tensor) != 0 if tensor.is_floating_point() else tensor != 0
+
+
+def same_bits(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Bitwise equality (tells -0.0 from 0.0 and compares NaNs by payload)."""
+    if first.dtype != second.dtype or first.shape != second.shape:
+        return False
+    if not first.is_floating_point():
+        return torch.equal(first, second)
+    return torch.equal(_integer_view(first), _integer_view(second))
+
+
+@dataclass
+class Layout:
+    """Which entries of a (rows, cols) matrix are kept, in row-major order: all of them, those a boolean
+    mask marks, or for N:M the ``positions`` (rows, cols // m, m - n) inside each group of ``m``."""
+
+    rows: int
+    cols: int
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    m: int = 0
+
+    @property
+    def count(self) -> int:
+        """How many entries are kept."""
+        if self.mask is not None:
+            return int(self.mask.sum())
+        return self.positions.numel() if self.positions is not None else self.rows * self.cols
+
+    def gather(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The kept entries of ``matrix`` (rows, cols), in order."""
+        if self.mask is not None:
+            return matrix[self.mask]
+        if self.positions is not None:
+            groups = matrix.reshape(self.rows, self.cols // self.m, self.m)
+            return groups.gather(2, self.positions).reshape(-1)
+        return matrix.reshape(-1)
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """A (rows, cols) matrix holding ``values`` at the kept entries and zeros elsewhere."""
+        if self.positions is None and self.mask is None:
+            return values.view(self.rows, self.cols)
+        matrix = torch.zeros(self.rows, self.cols, dtype=values.dtype)
+        if self.mask is not None:
+            return matrix.masked_scatter_(self.mask, values)
+        groups = matrix.view(self.rows, self.cols // self.m, self.m)
+        groups.scatter_(2, self.positions, values.view(self.positions.shape))
+        return matrix
+
+
+def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
+    """A (rows, groups) table of per-group numbers, read off at every kept entry."""
+    return layout.gather(table.float().repeat_interleave(group, dim=1))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _nm_valid(kept: torch.Tensor, n: int, m: int) -> bool:
+    rows, cols = kept.shape
+    return cols % m == 0 and bool((kept.reshape(rows, cols // m, m).sum(dim=2) <= m - n).all())
+
+
+def _codes(name: str, matrix: torch.Tensor, layout: Layout, quant: QuantSpec) -> torch.Tensor:
+    """Integer codes of the kept entries; checks that they reproduce the stored values bit for bit."""
+    group = quant.grid.group(layout.cols)
+    expected = (layout.rows, layout.cols // group)
+    if tuple(quant.scales.shape) != expected or tuple(quant.zeros.shape) != expected:
+        raise SparseGPTError(f"{name}: its quantization grid is {list(quant.scales.shape)}, expected {list(expected)}")
+    scale, zero = _per_entry(quant.scales, group, layout), _per_entry(quant.zeros, group, layout)
+    values = layout.gather(matrix)
+    codes = quantize(values.float(), scale, zero, quant.grid.max_code)
+    if not same_bits(dequantize(codes, scale, zero).to(values.dtype), values):
+        raise SparseGPTError(f"{name}: the weights are not on the quantization grid recorded for them")
+    return codes.to(torch.uint8)
+
+
+def encode_tensor(
+    name: str, tensor: torch.Tensor, quant: QuantSpec | None = None, patterns: tuple = NM_CANDIDATES
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest entry and the stored parts of one tensor.
+
+    A tensor that satisfies one of the N:M ``patterns`` (along its rows, or for 2-D tensors its columns)
+    stores the kept values' in-group positions plus the values, unless storing every entry is smaller.
+    Otherwise the smaller of: every entry (plain values, or for a quantized tensor one code per entry:
+    "full"), and a bitmask plus the kept (nonzero) values. A quantized tensor always stores codes.
+    """
+    entry: dict[str, Any] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if quant is None and (not tensor.is_floating_point() or tensor.ndim < 2 or tensor.numel() == 0):
+        return {**entry, "encoding": "plain"}, {name: tensor}
+    if quant is not None and quant.transposed and tensor.ndim != 2:
+        raise SparseGPTError(f"{name}: only 2-D tensors can be quantized along their first dimension")
+    orientations = [quant.transposed] if quant is not None else [False, True] if tensor.ndim == 2 else [False]
+    value_bits = quant.grid.bits if quant is not None else 8 * _itemsize(tensor.dtype)
+    best: tuple[float, str, bool, tuple[int, int] | None] = (
+        math.ceil(tensor.numel() * value_bits / 8),
+        "plain" if quant is None else "full",
+        orientations[0],
+        None,
+    )
+    nonzero = nonzero_bits(tensor)
+    kept_count = int(nonzero.sum())
+    bitmask = math.ceil(tensor.numel() / 8) + math.ceil(kept_count * value_bits / 8)
+    if bitmask < best[0]:
+        best = (bitmask, "bitmask", orientations[0], None)
+    # an N:M tensor keeps its pattern explicit, even where a bitmask would be slightly smaller
+    everything = best[1] in ("plain", "full")
+    candidates = []
+    for transposed in orientations:
+        kept = matrix_view(nonzero, transposed)
+        rows, cols = kept.shape
+        for n, m in patterns:
+            if _nm_valid(kept, n, m):
+                size = math.ceil(rows * cols // m * (m - n) * value_bits / 8)
+                size += math.ceil(rows * cols // m * (m - n) * index_bits(m) / 8)
+                candidates.append((size, "nm", transposed, (n, m)))
+    if candidates:
+        smallest = min(candidates, key=lambda candidate: candidate[0])
+        if not everything or smallest[0] < best[0]:
+            best = smallest
+    _, encoding, transposed, pattern = best
+    if encoding == "plain":
+        return {**entry, "encoding": "plain"}, {name: tensor}
+    matrix = matrix_view(tensor, transposed)
+    rows, cols = matrix.shape
+    entry.update(encoding=encoding, transposed=transposed)
+    parts: dict[str, torch.Tensor] = {}
+    if encoding == "full":
+        layout = Layout(rows, cols)
+    elif encoding == "bitmask":
+        layout = Layout(rows, cols, mask=matrix_view(nonzero, transposed))
+        parts[f"{name}::mask"] = pack_bits(layout.mask, 1)
+    else:
+        assert pattern is not None
+        n, m = pattern
+        entry.update(n=n, m=m)
+        groups = matrix_view(nonzero, transposed).reshape(rows, cols // m, m)
+        # the kept positions of each group: its nonzeros, then zeros to fill up to M - N, ascending
+        order = torch.argsort((~groups).to(torch.int8), dim=2, stable=True)[:, :, : m - n]
+        layout = Layout(rows, cols, positions=order.sort(dim=2).values, m=m)
+        parts[f"{name}::positions"] = pack_bits(layout.positions, index_bits(m))
+    if quant is None:
+        parts[f"{name}::values"] = layout.gather(matrix).contiguous()
+    else:
+        entry["quant"] = {
+            "bits": quant.grid.bits,
+            "group_size": quant.grid.group_size,
+            "symmetric": quant.grid.symmetric,
+        }
+        parts[f"{name}::codes"] = pack_bits(_codes(name, matrix, layout, quant), quant.grid.bits)
+        parts[f"{name}::scales"] = quant.scales.to(torch.float16).contiguous()
+        parts[f"{name}::zeros"] = quant.zeros.to(torch.uint8).contiguous()
+    entry["kept"] = layout.count
+    return entry, parts
+
+
+def _expect(name: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        raise SparseGPTError(
+            f"{name}: part {part} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
+        )
+
+
+def decode_tensor(name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Rebuild one tensor from its manifest entry; ``read(key)`` returns a stored part."""
+    try:
+        shape = tuple(int(size) for size in entry["shape"])
+        dtype = getattr(torch, entry["dtype"])
+        encoding = entry["encoding"]
+        if encoding == "plain":
+            tensor = read(name)
+            _expect(name, "data", tensor, shape, dtype)
+            return tensor
+        transposed = bool(entry["transposed"])
+        kept_count = int(entry["kept"])
+        quant = entry.get("quant")
+        grid = QuantGrid(int(quant["bits"]), quant["group_size"], bool(quant["symmetric"])) if quant else None
+        pattern = (int(entry["n"]), int(entry["m"])) if encoding == "nm" else None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SparseGPTError(f"{name}: malformed manifest entry ({error!r})") from None
+    if transposed and len(shape) != 2:
+        raise SparseGPTError(f"{name}: only 2-D tensors can be stored transposed")
+    rows, cols = (shape[1], shape[0]) if transposed else (math.prod(shape[:-1]), shape[-1])
+    if encoding == "full":
+        if grid is None or kept_count != rows * cols:
+            raise SparseGPTError(f"{name}: a full entry must be quantized and keep all {rows * cols} weights")
+        layout = Layout(rows, cols)
+    elif encoding == "bitmask":
+        mask_part = read(f"{name}::mask")
+        _expect(name, "mask", mask_part, (math.ceil(rows * cols / 8),), torch.uint8)
+        layout = Layout(rows, cols, mask=unpack_bits(mask_part, 1, rows * cols).view(rows, cols).bool())
+        marked = int(layout.mask.sum())
+        if marked != kept_count:
+            raise SparseGPTError(f"{name}: the mask marks {marked} kept weights, the entry says {kept_count}")
+    elif pattern is not None:
+        n, m = pattern
+        if not 0 < n < m or cols % m:
+            raise SparseGPTError(f"{name}: N:M pattern {n}:{m} does not fit {cols} columns")
+        count = rows * (cols // m) * (m - n)
+        if count != kept_count:
+            raise SparseGPTError(
+                f"{name}: an {n}:{m} tensor of this shape keeps {count} weights, the entry says {kept_count}"
+            )
+        positions_part = read(f"{name}::positions")
+        _expect(name, "positions", positions_part, (math.ceil(count * index_bits(m) / 8),), torch.uint8)
+        positions = unpack_bits(positions_part, index_bits(m), count).view(rows, cols // m, m - n).long()
+        if (positions >= m).any() or (positions.diff(dim=2) <= 0).any():
+            raise SparseGPTError(f"{name}: in-group positions are out of range or not strictly increasing")
+        layout = Layout(rows, cols, positions=positions, m=m)
+    else:
+        raise SparseGPTError(f"{name}: unknown encoding {encoding!r}")
+    if grid is None:
+        values = read(f"{name}::values")
+        _expect(name, "values", values, (kept_count,), dtype)
+    else:
+        group = grid.group(cols)
+        codes = read(f"{name}::codes")
+        _expect(name, "codes", codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
+        scales = read(f"{name}::scales")
+        _expect(name, "scales", scales, (rows, cols // group), torch.float16)
+        zeros = read(f"{name}::zeros")
+        _expect(name, "zeros", zeros, (rows, cols // group), torch.uint8)
+        codes = unpack_bits(codes, grid.bits, kept_count).float()
+        scale, zero = _per_entry(scales, group, layout), _per_entry(zeros, group, layout)
+        values = dequantize(codes, scale, zero).to(dtype)
+    matrix = layout.scatter(values)
+    return matrix.T.contiguous() if transposed else matrix.reshape(shape)
+
+
+def part_bytes(parts: dict[str, torch.Tensor]) -> int:
+    """Bytes the parts take in a safetensors file (without the header)."""
+    return sum(part.numel() * part.element_size() for part in parts.values())
+
+
+def _crc32(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+# --- folders -----------------------------------------------------------------------------------------
+
+
+def is_compact(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def _dense_files(folder: Path) -> list[Path]:
+    index = folder / DENSE_INDEX
+    if index.is_file():
+        mapping = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(mapping.values()))]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise SparseGPTError(f"{folder} has no model.safetensors (or {DENSE_INDEX}) to pack")
+    return [single]
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SparseGPTError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+        raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
+
+
+def read_quant_sidecar(folder: Path) -> dict[str, QuantSpec]:
+    """The grids recorded next to a plain folder's weights (empty when none were quantized)."""
+    path = folder / QUANT_SIDECAR
+    if not path.is_file():
+        return {}
+    specs = {}
+    with _open_safetensors(path) as handle:
+        grids = json.loads((handle.metadata() or {}).get("grids", "{}"))
+        for name, grid in grids.items():
+            specs[name] = QuantSpec(
+                QuantGrid(grid["bits"], grid["group_size"], grid["symmetric"]),
+                handle.get_tensor(f"{name}::scales"),
+                handle.get_tensor(f"{name}::zeros"),
+                bool(grid["transposed"]),
+            )
+    return specs
+
+
+def write_quant_sidecar(folder: Path, specs: dict[str, QuantSpec]) -> None:
+    """Record the grids of quantized weights next to a plain folder's weights."""
+    from safetensors.torch import save_file
+
+    if not specs:
+        return
+    tensors, grids = {}, {}
+    for name, spec in specs.items():
+        tensors[f"{name}::scales"] = spec.scales.to(torch.float16).contiguous()
+        tensors[f"{name}::zeros"] = spec.zeros.to(torch.uint8).contiguous()
+        grids[name] = {
+            "bits": spec.grid.bits,
+            "group_size": spec.grid.group_size,
+            "symmetric": spec.grid.symmetric,
+            "transposed": spec.transposed,
+        }
+    save_file(tensors, str(folder / QUANT_SIDECAR), metadata={"format": "sparsegpt-quant", "grids": json.dumps(grids)})
+
+
+def _copy_other_files(source: Path, target: Path, skip: set[str]) -> None:
+    for path in source.iterdir():
+        if path.name in skip or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, target / path.name)
+        else:
+            shutil.copy2(path, target / path.name)
+
+
+def pack_into(source: Path, target: Path, patterns: tuple = NM_CANDIDATES) -> dict[str, Any]:
+    """Write the compact form of the plain folder ``source`` into the (empty) folder ``target``.
+
+    Reads one tensor at a time; returns the manifest.
+    """
+    from safetensors.torch import save_file
+
+    files = _dense_files(source)
+    quant = read_quant_sidecar(source)
+    manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [], "tensors": {}}
+    if (source / DENSE_INDEX).is_file():
+        manifest["index"] = json.loads((source / DENSE_INDEX).read_text())
+    for number, path in enumerate(files, start=1):
+        compact_name = f"compact-{number:05d}-of-{len(files):05d}.safetensors"
+        parts: dict[str, torch.Tensor] = {}
+        with _open_safetensors(path) as handle:
+            metadata = handle.metadata() or {}
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                entry, tensor_parts = encode_tensor(name, handle.get_tensor(name), quant.pop(name, None), patterns)
+                entry["file"] = compact_name
+                entry["crc32"] = {key: _crc32(part) for key, part in tensor_parts.items()}
+                entry["bytes"] = part_bytes(tensor_parts)
+                manifest["tensors"][name] = entry
+                parts.update(tensor_parts)
+        save_file(parts, str(target / compact_name), metadata={"format": FORMAT_NAME})
+        manifest["files"].append({"name": compact_name, "source": path.name, "metadata": metadata})
+    if quant:
+        raise SparseGPTError(f"{QUANT_SIDECAR} names tensors the checkpoint lacks: {', '.join(sorted(quant))}")
+    _copy_other_files(source, target, {path.name for path in files} | {DENSE_INDEX, QUANT_SIDECAR})
+    write_json_atomically(target / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a compact folder, checked for format and version."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SparseGPTError(f"{folder / MANIFEST}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise SparseGPTError(f"{folder / MANIFEST}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise SparseGPTError(
+            f"{folder}: compact format version {manifest.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})"
+        )
+    if not isinstance(manifest.get("tensors"), dict) or not isinstance(manifest.get("files"), list):
+        raise SparseGPTError(f"{folder / MANIFEST}: malformed manifest (no tensors or files)")
+    return manifest
+
+
+def iter_decoded(folder: Path, manifest: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a compact folder, file by file, each checked against its CRC."""
+    manifest = manifest or read_manifest(folder)
+    by_file: dict[str, list[str]] = {}
+    for name, entry in manifest["tensors"].items():
+        by_file.setdefault(str(entry.get("file")), []).append(name)
+    for file_name, names in by_file.items():
+        path = folder / file_name
+        if not path.is_file():
+            raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
+        with _open_safetensors(path) as handle:
+            for name in names:
+                entry = manifest["tensors"][name]
+                yield name, decode_tensor(name, entry, _checked_reader(handle, file_name, name, entry))
+
+
+def _checked_reader(handle: Any, file_name: str, name: str, entry: dict[str, Any]) -> Callable[[str], torch.Tensor]:
+    """Reads the parts of tensor ``name`` from an open file, each checked against the manifest's CRC32."""
+    stored = set(handle.keys())
+    checksums = entry.get("crc32") or {}
+
+    def read(key: str) -> torch.Tensor:
+        if key not in stored:
+            raise SparseGPTError(f"{name}: part {key} is missing from {file_name}")
+        part = handle.get_tensor(key)
+        if key not in checksums or _crc32(part) != checksums[key]:
+            raise SparseGPTError(f"{name}: part {key} is corrupted (CRC32 mismatch)")
+        return part
+
+    return read
+
+
+def unpack_into(source: Path, target: Path) -> None:
+    """Write the plain transformers form of the compact folder ``source`` into ``target``."""
+    from safetensors.torch import save_file
+
+    manifest = read_manifest(source)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in iter_decoded(source, manifest):
+        tensors.setdefault(manifest["tensors"][name]["file"], {})[name] = tensor
+    specs: dict[str, QuantSpec] = {}
+    with_grids = [name for name, entry in manifest["tensors"].items() if entry.get("quant")]
+    for file_name in {manifest["tensors"][name]["file"] for name in with_grids}:
+        with _open_safetensors(source / file_name) as handle:
+            for name in with_grids:
+                entry = manifest["tensors"][name]
+                if entry["file"] != file_name:
+                    continue
+                quant = entry["quant"]
+                specs[name] = QuantSpec(
+                    QuantGrid(quant["bits"], quant["group_size"], quant["symmetric"]),
+                    handle.get_tensor(f"{name}::scales"),
+                    handle.get_tensor(f"{name}::zeros"),
+                    bool(entry["transposed"]),
+                )
+    for file_info in manifest["files"]:
+        save_file(tensors.get(file_info["name"], {}), str(target / file_info["source"]), metadata=file_info["metadata"])
+    if "index" in manifest:
+        write_json_atomically(target / DENSE_INDEX, manifest["index"])
+    write_quant_sidecar(target, specs)
+    compact_files = {file_info["name"] for file_info in manifest["files"]}
+    _copy_other_files(source, target, compact_files | {MANIFEST})
+
+
+def pack_folder(source: Path, target: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Convert a plain transformers folder into a compact one, atomically. Returns the manifest."""
+    if is_compact(source):
+        raise SparseGPTError(f"{source} is already a compact folder")
+    result: dict[str, Any] = {}
+    write_folder_atomically(target, lambda build: result.update(pack_into(source, build)), overwrite)
+    return result
+
+
+def unpack_folder(source: Path, target: Path, overwrite: bool = False) -> None:
+    """Convert a compact folder back into a plain transformers folder, atomically."""
+    if not is_compact(source):
+        raise SparseGPTError(f"{source} is not a compact folder (no {MANIFEST})")
+    write_folder_atomically(target, lambda build: unpack_into(source, build), overwrite)
+
+
+def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """A transformers model from a compact folder, decoded tensor by tensor into a model built without
+    initialisation (peak memory: the dense model plus one tensor's parts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    manifest = read_manifest(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for name, tensor in iter_decoded(folder, manifest):
+            if name not in state:
+                raise SparseGPTError(f"{name}: the compact folder holds a tensor the model does not have")
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise SparseGPTError(
+                    f"{name}: shape {list(tensor.shape)} does not match the model's {list(state[name].shape)}"
+                )
+            state[name].copy_(tensor)
+            loaded.add(name)
+    model.tie_weights()
+    state = model.state_dict()
+    pointers = {state[name].data_ptr() for name in loaded}
+    missing = [name for name in state if name not in loaded and state[name].data_ptr() not in pointers]
+    if missing:
+        raise SparseGPTError(f"the compact folder lacks tensor {missing[0]} (and {len(missing) - 1} more)")
+    return model.eval()
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random initialisation of weights that are about to be overwritten."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
+    with no_init_weights():
+        yield
