@@ -31,6 +31,7 @@ from sparsegpt.compact import same_bits, write_quant_sidecar
 from sparsegpt.evaluate import perplexity
 from sparsegpt.models import find_blocks
 from sparsegpt.pipeline import prune_model
+from sparsegpt.runtime import keep_freed_memory
 from sparsegpt.solver import NMPattern
 
 SEQLEN = 512
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the folders written")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     held = getattr(torch, args.dtype)
 
     model, tokenizer, source = sparsegpt.load_model("smollm2-135m")

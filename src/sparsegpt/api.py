@@ -85,7 +85,7 @@ class PruneResult:
             compact.write_quant_sidecar(plain, self.quant_specs())
             write_json_atomically(plain / REPORT_NAME, self.report())
             if compact_format:
-                compact.pack_into(plain, folder, self.config.pattern_candidates)
+                compact.pack_into(plain, folder)
                 shutil.rmtree(plain)
 
         write_folder_atomically(out, fill, overwrite)

@@ -9,21 +9,24 @@ in-group positions of the kept values. Every other tensor is stored as it is. ``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.io import write_folder_atomically, write_json_atomically
+from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
 from sparsegpt.solver.quant import QuantGrid, dequantize, quantize
 
 FORMAT_NAME = "sparsegpt-compact"
@@ -48,35 +51,36 @@ class QuantSpec:
 # --- bit streams -------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _bit_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """Row v holds the 8 bits of byte value v, least significant first; and the powers of two."""
+    table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)
+    return table, 2.0 ** torch.arange(8)
+
+
+def unpack_mask(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of a ``pack_bits`` stream of one-bit values, as booleans."""
+    bits = np.unpackbits(packed.contiguous().numpy().reshape(-1), count=count, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned integers below 2^bits as one little-endian bit stream: value i occupies bits
     [i·bits, (i+1)·bits), bit k of the stream is bit k % 8 of byte k // 8. Returns uint8 bytes."""
-    values = values.reshape(-1).to(torch.uint8)
-    if 8 % bits == 0:  # whole values per byte: 1, 2, 4 or 8 bits
-        fields = values, 8 // bits, bits
-    else:  # one bit per byte first, then eight of them per byte
-        fields = torch.stack([(values >> bit) & 1 for bit in range(bits)], dim=1).reshape(-1), 8, 1
-    stream, per_byte, width = fields
-    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % per_byte)).view(-1, per_byte)
-    packed = stream[:, 0].clone()
-    for index in range(1, per_byte):
-        packed |= stream[:, index] << (index * width)
-    return packed
+    table, powers = _bit_table()
+    stream = table.index_select(0, values.reshape(-1).int())[:, :bits].reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    # each byte is the dot product of its 8 bits with the powers of two (exact in float32)
+    return (stream.view(-1, 8).float() @ powers).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` values of a ``pack_bits`` stream, as uint8."""
-    packed = packed.reshape(-1)
-    if 8 % bits == 0:
-        mask = (1 << bits) - 1
-        fields = [(packed >> (index * bits)) & mask for index in range(8 // bits)]
-        return torch.stack(fields, dim=1).reshape(-1)[:count]
-    stream = torch.stack([(packed >> bit) & 1 for bit in range(8)], dim=1).reshape(-1)[: count * bits]
-    stream = stream.view(count, bits)
-    values = stream[:, 0].clone()
-    for bit in range(1, bits):
-        values |= stream[:, bit] << bit
-    return values
+    table, powers = _bit_table()
+    stream = table.index_select(0, packed.reshape(-1).int()).reshape(-1)[: count * bits]
+    if bits == 1:
+        return stream
+    return (stream.view(count, bits).float() @ powers[:bits]).to(torch.uint8)
 
 
 def index_bits(m: int) -> int:
@@ -128,33 +132,44 @@ class Layout:
     def count(self) -> int:
         """How many entries are kept."""
         if self.mask is not None:
-            return int(self.mask.sum())
+            return int(torch.count_nonzero(self.mask))
         return self.positions.numel() if self.positions is not None else self.rows * self.cols
+
+    @functools.cached_property
+    def targets(self) -> torch.Tensor | None:
+        """Row-major flat indices of the kept entries (None when all are kept)."""
+        if self.mask is not None:
+            # numpy's flatnonzero is several times faster than torch's nonzero or masked_scatter_ here
+            return torch.from_numpy(np.flatnonzero(self.mask.contiguous().numpy().reshape(-1)))
+        if self.positions is not None:
+            starts = torch.arange(0, self.rows * self.cols, self.m).view(self.rows, -1, 1)
+            return (self.positions + starts).reshape(-1)
+        return None
 
     def gather(self, matrix: torch.Tensor) -> torch.Tensor:
         """The kept entries of ``matrix`` (rows, cols), in order."""
-        if self.mask is not None:
-            return matrix[self.mask]
-        if self.positions is not None:
-            groups = matrix.reshape(self.rows, self.cols // self.m, self.m)
-            return groups.gather(2, self.positions).reshape(-1)
-        return matrix.reshape(-1)
+        flat = matrix.reshape(-1)
+        return flat if self.targets is None else flat.index_select(0, self.targets)
 
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """A (rows, cols) matrix holding ``values`` at the kept entries and zeros elsewhere."""
-        if self.positions is None and self.mask is None:
-            return values.view(self.rows, self.cols)
-        matrix = torch.zeros(self.rows, self.cols, dtype=values.dtype)
-        if self.mask is not None:
-            return matrix.masked_scatter_(self.mask, values)
-        groups = matrix.view(self.rows, self.cols // self.m, self.m)
-        groups.scatter_(2, self.positions, values.view(self.positions.shape))
+    def scatter(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A (rows, cols) matrix holding ``values`` at the kept entries and zeros elsewhere, written into
+        ``out`` (a contiguous matrix of the values' dtype) when given."""
+        if self.targets is None:
+            matrix = values.view(self.rows, self.cols)
+            return out.copy_(matrix) if out is not None else matrix
+        matrix = out.zero_() if out is not None else torch.zeros(self.rows, self.cols, dtype=values.dtype)
+        assert matrix.is_contiguous()
+        _integer_view(matrix).numpy().reshape(-1)[self.targets.numpy()] = _integer_view(values).numpy()
         return matrix
 
 
 def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
-    """A (rows, groups) table of per-group numbers, read off at every kept entry."""
-    return layout.gather(table.float().repeat_interleave(group, dim=1))
+    """A (rows, groups) table of per-group numbers, read off at every kept entry, as float32."""
+    table = table.float()
+    if layout.targets is None:
+        return table.repeat_interleave(group, dim=1).reshape(-1)
+    rows, cols = layout.targets.div(layout.cols, rounding_mode="floor"), layout.targets % layout.cols
+    return table.reshape(-1).index_select(0, rows * table.shape[1] + cols.div(group, rounding_mode="floor"))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -266,16 +281,24 @@ def _expect(name: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...], 
         )
 
 
-def decode_tensor(name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Rebuild one tensor from its manifest entry; ``read(key)`` returns a stored part."""
+def decode_tensor(
+    name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rebuild one tensor from its manifest entry; ``read(key)`` returns a stored part.
+
+    With ``out`` (a tensor of the entry's shape) the result is written there, saving a copy when its dtype
+    and layout allow decoding in place.
+    """
     try:
         shape = tuple(int(size) for size in entry["shape"])
         dtype = getattr(torch, entry["dtype"])
         encoding = entry["encoding"]
+        if out is not None and tuple(out.shape) != shape:
+            raise SparseGPTError(f"{name}: shape {list(shape)} does not match the model's {list(out.shape)}")
         if encoding == "plain":
             tensor = read(name)
             _expect(name, "data", tensor, shape, dtype)
-            return tensor
+            return out.copy_(tensor) if out is not None else tensor
         transposed = bool(entry["transposed"])
         kept_count = int(entry["kept"])
         quant = entry.get("quant")
@@ -293,8 +316,8 @@ def decode_tensor(name: str, entry: dict[str, Any], read: Callable[[str], torch.
     elif encoding == "bitmask":
         mask_part = read(f"{name}::mask")
         _expect(name, "mask", mask_part, (math.ceil(rows * cols / 8),), torch.uint8)
-        layout = Layout(rows, cols, mask=unpack_bits(mask_part, 1, rows * cols).view(rows, cols).bool())
-        marked = int(layout.mask.sum())
+        layout = Layout(rows, cols, mask=unpack_mask(mask_part, rows * cols).view(rows, cols))
+        marked = int(torch.count_nonzero(layout.mask))
         if marked != kept_count:
             raise SparseGPTError(f"{name}: the mask marks {marked} kept weights, the entry says {kept_count}")
     elif pattern is not None:
@@ -328,8 +351,12 @@ def decode_tensor(name: str, entry: dict[str, Any], read: Callable[[str], torch.
         codes = unpack_bits(codes, grid.bits, kept_count).float()
         scale, zero = _per_entry(scales, group, layout), _per_entry(zeros, group, layout)
         values = dequantize(codes, scale, zero).to(dtype)
+    if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
+        layout.scatter(values, out.view(rows, cols))
+        return out
     matrix = layout.scatter(values)
-    return matrix.T.contiguous() if transposed else matrix.reshape(shape)
+    tensor = matrix.T.contiguous() if transposed else matrix.reshape(shape)
+    return out.copy_(tensor) if out is not None else tensor
 
 
 def part_bytes(parts: dict[str, torch.Tensor]) -> int:
@@ -419,13 +446,26 @@ def _copy_other_files(source: Path, target: Path, skip: set[str]) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def pack_into(source: Path, target: Path, patterns: tuple = NM_CANDIDATES) -> dict[str, Any]:
+def _report_pattern(folder: Path) -> tuple[int, int] | None:
+    """The N:M pattern a sparsegpt report in ``folder`` names, if any."""
+    try:
+        text = json.loads((folder / REPORT_NAME).read_text())["pattern"]
+        n, m = (int(part) for part in text.split(":"))
+        return n, m
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def pack_into(source: Path, target: Path) -> dict[str, Any]:
     """Write the compact form of the plain folder ``source`` into the (empty) folder ``target``.
 
+    N:M storage is tried for 2:4, 4:8 and the pattern named by a sparsegpt report in ``source``.
     Reads one tensor at a time; returns the manifest.
     """
     from safetensors.torch import save_file
 
+    reported = _report_pattern(source)
+    patterns = NM_CANDIDATES if reported is None or reported in NM_CANDIDATES else (reported, *NM_CANDIDATES)
     files = _dense_files(source)
     quant = read_quant_sidecar(source)
     manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [], "tensors": {}}
@@ -470,24 +510,38 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def iter_decoded(folder: Path, manifest: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a compact folder, file by file, each checked against its CRC."""
-    manifest = manifest or read_manifest(folder)
-    by_file: dict[str, list[str]] = {}
-    for name, entry in manifest["tensors"].items():
-        by_file.setdefault(str(entry.get("file")), []).append(name)
-    for file_name, names in by_file.items():
-        path = folder / file_name
-        if not path.is_file():
-            raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
-        with _open_safetensors(path) as handle:
-            for name in names:
-                entry = manifest["tensors"][name]
-                yield name, decode_tensor(name, entry, _checked_reader(handle, file_name, name, entry))
+    """(name, tensor) for every tensor of a compact folder, each part checked against its CRC."""
+    with opened_entries(folder, manifest or read_manifest(folder)) as entries:
+        for name, entry, read in entries:
+            yield name, decode_tensor(name, entry, read)
 
 
-def _checked_reader(handle: Any, file_name: str, name: str, entry: dict[str, Any]) -> Callable[[str], torch.Tensor]:
+@contextmanager
+def opened_entries(
+    folder: Path, manifest: dict[str, Any]
+) -> Iterator[list[tuple[str, dict[str, Any], Callable[[str], torch.Tensor]]]]:
+    """(name, entry, read) for every tensor of a compact folder, with its data files open for the
+    duration; ``read(key)`` returns a part checked against its CRC (from any thread)."""
+    with ExitStack() as stack:
+        handles: dict[str, tuple[Any, set[str]]] = {}
+        entries = []
+        for name, entry in manifest["tensors"].items():
+            file_name = str(entry.get("file"))
+            if file_name not in handles:
+                path = folder / file_name
+                if not path.is_file():
+                    raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
+                handle = stack.enter_context(_open_safetensors(path))
+                handles[file_name] = handle, set(handle.keys())  # noqa: SIM118 (a safetensors handle)
+            handle, stored = handles[file_name]
+            entries.append((name, entry, _checked_reader(handle, stored, file_name, name, entry)))
+        yield entries
+
+
+def _checked_reader(
+    handle: Any, stored: set[str], file_name: str, name: str, entry: dict[str, Any]
+) -> Callable[[str], torch.Tensor]:
     """Reads the parts of tensor ``name`` from an open file, each checked against the manifest's CRC32."""
-    stored = set(handle.keys())
     checksums = entry.get("crc32") or {}
 
     def read(key: str) -> torch.Tensor:
@@ -567,23 +621,44 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = model.state_dict()
     loaded = set()
-    with torch.no_grad():
-        for name, tensor in iter_decoded(folder, manifest):
-            if name not in state:
-                raise SparseGPTError(f"{name}: the compact folder holds a tensor the model does not have")
-            if tuple(state[name].shape) != tuple(tensor.shape):
-                raise SparseGPTError(
-                    f"{name}: shape {list(tensor.shape)} does not match the model's {list(state[name].shape)}"
-                )
-            state[name].copy_(tensor)
-            loaded.add(name)
+    # tensors decode independently (torch and zlib release the GIL): one single-threaded worker per core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _decode_all(folder, manifest, state, loaded, threads)
+    finally:
+        torch.set_num_threads(threads)
     model.tie_weights()
+
     state = model.state_dict()
     pointers = {state[name].data_ptr() for name in loaded}
     missing = [name for name in state if name not in loaded and state[name].data_ptr() not in pointers]
     if missing:
         raise SparseGPTError(f"the compact folder lacks tensor {missing[0]} (and {len(missing) - 1} more)")
     return model.eval()
+
+
+def _decode_all(
+    folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor], loaded: set[str], workers: int
+) -> None:
+    with opened_entries(folder, manifest) as entries, ThreadPoolExecutor(workers) as pool:
+        jobs = []
+        for name, entry, read in entries:
+            if name not in state:
+                raise SparseGPTError(f"{name}: the compact folder holds a tensor the model does not have")
+            jobs.append(pool.submit(_decode_into, name, entry, read, state[name]))
+            loaded.add(name)
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:
+                job.cancel()
+
+
+def _decode_into(name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor], out: torch.Tensor) -> None:
+    with torch.no_grad():
+        decode_tensor(name, entry, read, out=out)
 
 
 @contextmanager

@@ -68,14 +68,6 @@ class PruneConfig:
         return QuantGrid(self.bits, self.group_size, self.symmetric) if self.bits is not None else None
 
     @property
-    def pattern_candidates(self) -> tuple[tuple[int, int], ...]:
-        """N:M patterns the compact format tries: this config's, and the common 2:4 and 4:8."""
-        common = ((2, 4), (4, 8))
-        if self.pattern is None or (self.pattern.n, self.pattern.m) in common:
-            return common
-        return ((self.pattern.n, self.pattern.m), *common)
-
-    @property
     def needs_calibration(self) -> bool:
         return self.method != "magnitude"
 

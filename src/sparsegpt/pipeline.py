@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -54,9 +54,7 @@ class LayerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the report shows it (grids left out)."""
-        summary = asdict(self)
-        del summary["scales"], summary["zeros"]
-        return summary
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in ("scales", "zeros")}
 
 
 @dataclass
