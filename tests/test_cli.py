@@ -129,7 +129,7 @@ def bad_inputs(root):
             ["prune", model, *out, *calib, "--bits", "4", "--method", "wanda"],
             "needs method sparsegpt",
         ),
-        "group not dividing": (["prune", model, *out, *calib, "--bits", "4", "--group-size", "24"], "does not divide"),
+        "group size zero": (["prune", model, *out, *calib, "--bits", "4", "--group-size", "0"], "positive integer"),
         "pack a missing folder": (["pack", str(root / "nope"), str(root / "new_out")], "no such folder"),
         "unpack a plain folder": (["unpack", model, str(root / "new_out")], "not a compact folder"),
     }

@@ -85,7 +85,7 @@ def magnitude_nm(tensor, n, m):
     return groups.scatter(2, smallest, 0.0).reshape(rows, cols)
 
 
-@pytest.mark.parametrize("pattern, group", [(None, 16), (NMPattern(2, 4), 8), (None, None)])
+@pytest.mark.parametrize("pattern, group", [(None, 16), (NMPattern(2, 4), 8), (None, None), (None, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_weights_pack_as_codes(pattern, group, dtype):
     weight, hessian, _ = problem(8, 32)

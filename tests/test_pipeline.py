@@ -169,3 +169,11 @@ def test_bad_numbers_are_refused():
         prune_model(model, PruneConfig(), calibration())
     with pytest.raises(SparseGPTError, match="not divisible"):
         prune_model(tiny_model("llama"), PruneConfig(pattern=NMPattern(2, 3), blocksize=3), calibration())
+
+
+def test_allocator_tuning_applies_on_glibc():
+    import platform
+
+    from sparsegpt.runtime import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")

@@ -167,7 +167,7 @@ def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
     """A (rows, groups) table of per-group numbers, read off at every kept entry, as float32."""
     table = table.float()
     if layout.targets is None:
-        return table.repeat_interleave(group, dim=1).reshape(-1)
+        return table.repeat_interleave(group, dim=1)[:, : layout.cols].reshape(-1)
     rows, cols = layout.targets.div(layout.cols, rounding_mode="floor"), layout.targets % layout.cols
     return table.reshape(-1).index_select(0, rows * table.shape[1] + cols.div(group, rounding_mode="floor"))
 
@@ -184,7 +184,7 @@ def _nm_valid(kept: torch.Tensor, n: int, m: int) -> bool:
 def _codes(name: str, matrix: torch.Tensor, layout: Layout, quant: QuantSpec) -> torch.Tensor:
     """Integer codes of the kept entries; checks that they reproduce the stored values bit for bit."""
     group = quant.grid.group(layout.cols)
-    expected = (layout.rows, layout.cols // group)
+    expected = (layout.rows, quant.grid.groups(layout.cols))
     if tuple(quant.scales.shape) != expected or tuple(quant.zeros.shape) != expected:
         raise SparseGPTError(f"{name}: its quantization grid is {list(quant.scales.shape)}, expected {list(expected)}")
     scale, zero = _per_entry(quant.scales, group, layout), _per_entry(quant.zeros, group, layout)
@@ -345,9 +345,9 @@ def decode_tensor(
         codes = read(f"{name}::codes")
         _expect(name, "codes", codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
         scales = read(f"{name}::scales")
-        _expect(name, "scales", scales, (rows, cols // group), torch.float16)
+        _expect(name, "scales", scales, (rows, grid.groups(cols)), torch.float16)
         zeros = read(f"{name}::zeros")
-        _expect(name, "zeros", zeros, (rows, cols // group), torch.uint8)
+        _expect(name, "zeros", zeros, (rows, grid.groups(cols)), torch.uint8)
         codes = unpack_bits(codes, grid.bits, kept_count).float()
         scale, zero = _per_entry(scales, group, layout), _per_entry(zeros, group, layout)
         values = dequantize(codes, scale, zero).to(dtype)

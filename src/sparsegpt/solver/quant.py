@@ -20,8 +20,8 @@ SCALE_DTYPE = torch.float16
 
 @dataclass(frozen=True)
 class QuantGrid:
-    """``bits`` per weight; one (scale, zero point) per row and group of ``group_size`` inputs (None = the
-    whole row); ``symmetric`` grids are centred on zero (z = 2^(bits−1)), asymmetric ones span [min, max]."""
+    """``bits`` per weight; one (scale, zero point) per row and group of ``group_size`` consecutive inputs
+    (None = the whole row; the last group may be shorter); ``symmetric`` grids are centred on zero (z = 2^(bits−1)), asymmetric ones span [min, max]."""
 
     bits: int
     group_size: int | None = None
@@ -38,11 +38,14 @@ class QuantGrid:
         return 2**self.bits - 1
 
     def group(self, cols: int) -> int:
-        """The group width for a layer with ``cols`` inputs; it must divide ``cols``."""
-        size = self.group_size or cols
-        if cols % size:
-            raise SparseGPTError(f"group size {size} does not divide the input width {cols}")
-        return size
+        """The group width for a layer with ``cols`` inputs. Groups run from the left; when the width
+        does not divide ``cols`` the last group of each row is shorter (576 inputs in groups of 128:
+        four of 128 and one of 64)."""
+        return min(self.group_size or cols, cols)
+
+    def groups(self, cols: int) -> int:
+        """How many groups a row of ``cols`` inputs has."""
+        return -(-cols // self.group(cols))
 
     def __str__(self) -> str:
         kind = "sym" if self.symmetric else "asym"

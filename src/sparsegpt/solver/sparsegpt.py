@@ -134,7 +134,7 @@ def sparsegpt_prune(
     inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp)
     weight = weight.to(compute).clone()
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
-    scales = torch.zeros(rows, cols // group, dtype=compute, device=weight.device)
+    scales = torch.zeros(rows, -(-cols // group), dtype=compute, device=weight.device)
     zeros = torch.zeros_like(scales)
 
     block_starts = list(range(0, cols, blocksize))
@@ -178,7 +178,8 @@ def _check_groups(grid: QuantGrid, cols: int, blocksize: int) -> int:
     is fitted on have received every compensation from the columns left of it."""
     group = grid.group(cols)
     for start in range(0, cols, group):
-        if start % blocksize and start // blocksize != (start + group - 1) // blocksize:
+        last = min(start + group, cols) - 1
+        if start % blocksize and start // blocksize != last // blocksize:
             raise SparseGPTError(
                 f"quantization group size {group} and block size {blocksize} do not align "
                 "(one must be a multiple of the other)"
