@@ -119,7 +119,7 @@ def main() -> None:
             "bit_exact_round_trip": exact,
             "ppl": perplexity(loaded, test),
         }
-        if label == "dense" or args.load_repeats and label == "50+4b":
+        if args.load_repeats:
             row["load_seconds_plain"] = load_seconds(plain, args.load_repeats)
             row["load_seconds_compact"] = load_seconds(packed, args.load_repeats)
         rows.append(row)
@@ -138,12 +138,15 @@ def main() -> None:
         "versions": versions(),
     }
     (args.out / "compact.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| config | linear bytes | × dense {args.dtype} | folder MB | ppl ({test.shape[0]} windows) | prune s |")
+    print(
+        f"\n| config | linear bytes | × dense {args.dtype} | folder MB | ppl ({test.shape[0]} windows) | load s compact / plain |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
+        load = f"{row['load_seconds_compact']:.3f} / {row['load_seconds_plain']:.3f}" if args.load_repeats else "-"
         print(
             f"| {row['config']} | {row['linear_bytes']:,} | {row['linear_ratio']:.3f} | "
-            f"{row['folder_bytes'] / 1e6:.1f} | {row['ppl']:.2f} | {row['prune_seconds']} |"
+            f"{row['folder_bytes'] / 1e6:.1f} | {row['ppl']:.2f} | {load} |"
         )
 
 
