@@ -74,8 +74,17 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream.view(-1, 8).float() @ powers).to(torch.uint8)
 
 
+@functools.cache
+def _value_table(bits: int) -> torch.Tensor:
+    """For widths dividing 8: row v holds the 8 / bits values packed in byte v, first value first."""
+    shifts = torch.arange(0, 8, bits)
+    return ((torch.arange(256).unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` values of a ``pack_bits`` stream, as uint8."""
+    if 8 % bits == 0:  # whole values per byte: one table lookup per byte
+        return _value_table(bits).index_select(0, packed.reshape(-1).int()).reshape(-1)[:count]
     table, powers = _bit_table()
     stream = table.index_select(0, packed.reshape(-1).int()).reshape(-1)[: count * bits]
     if bits == 1:
@@ -165,11 +174,7 @@ class Layout:
 
 def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
     """A (rows, groups) table of per-group numbers, read off at every kept entry, as float32."""
-    table = table.float()
-    if layout.targets is None:
-        return table.repeat_interleave(group, dim=1)[:, : layout.cols].reshape(-1)
-    rows, cols = layout.targets.div(layout.cols, rounding_mode="floor"), layout.targets % layout.cols
-    return table.reshape(-1).index_select(0, rows * table.shape[1] + cols.div(group, rounding_mode="floor"))
+    return layout.gather(table.float().repeat_interleave(group, dim=1)[:, : layout.cols])
 
 
 def _itemsize(dtype: torch.dtype) -> int:
