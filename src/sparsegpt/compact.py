@@ -297,6 +297,8 @@ def decode_tensor(
     try:
         shape = tuple(int(size) for size in entry["shape"])
         dtype = getattr(torch, entry["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {entry['dtype']!r}")
         encoding = entry["encoding"]
         if out is not None and tuple(out.shape) != shape:
             raise SparseGPTError(f"{name}: shape {list(shape)} does not match the model's {list(out.shape)}")
