@@ -61,3 +61,26 @@ def test_enwiki_is_plain_article_text():
     text = sparsegpt.data.load_text("enwiki").content
     assert len(text) > 1_000_000
     assert "[[" not in text and "{{" not in text and "#REDIRECT" not in text.upper()
+
+
+def test_joint_4_bit_prune_saves_compact_and_loads_back_exactly(dense, tmp_path):
+    from safetensors import safe_open
+
+    from sparsegpt.compact import read_manifest, same_bits
+
+    config = PruneConfig(bits=4, group_size=128, **SMALL)  # 576 inputs: four groups of 128 and one of 64
+    result = sparsegpt.prune(fresh(dense), config, "sotu:train", EVAL)
+    result.model.to(torch.bfloat16)
+    result.save(tmp_path / "plain")
+    result.save(tmp_path / "compact", compact_format=True)
+    manifest = read_manifest(tmp_path / "compact")
+    linear = [entry for key, entry in manifest["tensors"].items() if ".layers." in key and key.endswith("proj.weight")]
+    assert len(linear) == 30 * 7 and all(entry["quant"]["bits"] == 4 for entry in linear)
+    dense_bytes = sum(torch.Size(entry["shape"]).numel() * 2 for entry in linear)
+    assert sum(entry["bytes"] for entry in linear) <= 0.21 * dense_bytes
+    loaded = sparsegpt.load_pretrained(tmp_path / "compact")
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118
+            assert same_bits(loaded.state_dict()[key], handle.get_tensor(key)), key
+    _, value = sparsegpt.evaluate(sparsegpt.load_pretrained(tmp_path / "compact", "float32"), dense[1], EVAL[0])
+    assert value < 2 * result.ppl["sotu:test"]
