@@ -277,3 +277,18 @@ def test_pack_refuses_bad_input(folders, tmp_path, packed):
     with pytest.raises(SparseGPTError, match="not a compact folder"):
         unpack_folder(folders["dense"], tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_folders_may_be_given_as_strings(folders, tmp_path):
+    pack_folder(str(folders["half"]), str(tmp_path / "c"))
+    unpack_folder(str(tmp_path / "c"), str(tmp_path / "p"))
+    assert load_pretrained(str(tmp_path / "c")) is not None and (tmp_path / "p" / "model.safetensors").is_file()
+
+
+def test_prune_result_saves_to_a_string_path(tmp_path):
+    import sparsegpt
+
+    result = sparsegpt.prune((tiny_model("llama"), tiny_tokenizer()), PruneConfig(method="magnitude"), None)
+    result.save(str(tmp_path / "plain"))
+    result.save(str(tmp_path / "compact"), compact_format=True)
+    assert (tmp_path / "plain" / "config.json").is_file() and (tmp_path / "compact" / MANIFEST).is_file()

@@ -72,9 +72,10 @@ class PruneResult:
         """The grid of every quantized weight tensor, by its state-dict name."""
         return quant_specs(self.model, self.layers, self.config)
 
-    def save(self, out: Path, overwrite: bool = False, compact_format: bool = False) -> None:
+    def save(self, out: str | Path, overwrite: bool = False, compact_format: bool = False) -> None:
         """Write a transformers folder (safetensors, config, tokenizer, the quantization grids when
         quantized) plus the report, atomically; or, with ``compact_format``, the compact folder."""
+        out = Path(out)
 
         def fill(folder: Path) -> None:
             plain = folder / "plain" if compact_format else folder

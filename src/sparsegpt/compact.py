@@ -594,8 +594,9 @@ def unpack_into(source: Path, target: Path) -> None:
     _copy_other_files(source, target, compact_files | {MANIFEST})
 
 
-def pack_folder(source: Path, target: Path, overwrite: bool = False) -> dict[str, Any]:
+def pack_folder(source: str | Path, target: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Convert a plain transformers folder into a compact one, atomically. Returns the manifest."""
+    source, target = Path(source), Path(target)
     if is_compact(source):
         raise SparseGPTError(f"{source} is already a compact folder")
     result: dict[str, Any] = {}
@@ -603,8 +604,9 @@ def pack_folder(source: Path, target: Path, overwrite: bool = False) -> dict[str
     return result
 
 
-def unpack_folder(source: Path, target: Path, overwrite: bool = False) -> None:
+def unpack_folder(source: str | Path, target: str | Path, overwrite: bool = False) -> None:
     """Convert a compact folder back into a plain transformers folder, atomically."""
+    source, target = Path(source), Path(target)
     if not is_compact(source):
         raise SparseGPTError(f"{source} is not a compact folder (no {MANIFEST})")
     write_folder_atomically(target, lambda build: unpack_into(source, build), overwrite)
