@@ -1,6 +1,12 @@
 """Load time of a compact folder against its plain twin, alternating, medians of ``--repeats`` runs each.
 
     python bench/load_time.py PLAIN COMPACT [--repeats 9]
+    python bench/load_time.py --build DIR [--repeats 9]
+
+``--build DIR`` first makes the two pairs the figures in docs/BENCHMARKS.md use, from the default model in
+bf16 (seconds, no calibration): every decoder linear weight 50% magnitude-pruned per row (DIR/sparse), and
+the same with the kept weights rounded to a 4-bit asymmetric grid in groups of 128 (DIR/quant); each as a
+plain folder and its compact twin. Decoding time depends on the layout, not on the values.
 
 Both are loaded with ``sparsegpt.load_pretrained`` in their stored dtype, in this process, after the
 allocator tuning that the CLI applies.
@@ -14,25 +20,76 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 import sparsegpt
+from sparsegpt.assets import model_folder
+from sparsegpt.compact import QuantSpec, write_quant_sidecar
+from sparsegpt.models import find_blocks, load_pretrained
 from sparsegpt.runtime import keep_freed_memory
+from sparsegpt.solver.masks import lowest_k_per_row
+from sparsegpt.solver.quant import QuantGrid, dequantize, fit_grid, group_views, quantize
+
+
+def build(root: Path) -> list[tuple[Path, Path]]:
+    """The (plain, compact) pairs described above, under ``root``."""
+    grid = QuantGrid(4, 128)
+    pairs = []
+    for kind in ("sparse", "quant"):
+        model = load_pretrained(model_folder("smollm2-135m"), dtype="bfloat16")
+        specs = {}
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        for block in find_blocks(model):
+            for weight in block.weights:
+                matrix = weight.matrix().float()
+                matrix[lowest_k_per_row(matrix.abs(), 0.5)] = 0.0
+                if kind == "quant":
+                    kept = matrix != 0
+                    groups = grid.groups(matrix.shape[1])
+                    scales, zeros = torch.empty(matrix.shape[0], groups), torch.empty(matrix.shape[0], groups)
+                    for view, which in group_views(matrix, grid.group(matrix.shape[1])):
+                        for k in range(view.shape[1]):
+                            scale, zero = fit_grid(view[:, k], grid)
+                            codes = quantize(view[:, k], scale[:, None], zero[:, None], grid.max_code)
+                            view[:, k] = dequantize(codes, scale[:, None], zero[:, None])
+                            scales[:, which.start + k], zeros[:, which.start + k] = scale, zero
+                    matrix = matrix.to(torch.bfloat16).float() * kept  # pruned weights stay exactly zero
+                    specs[names[id(weight.parameter)]] = QuantSpec(
+                        grid, scales.half(), zeros.to(torch.uint8), weight.transposed
+                    )
+                weight.write(matrix)
+        plain, compact = root / kind / "plain", root / kind / "compact"
+        model.save_pretrained(plain)
+        write_quant_sidecar(plain, specs)
+        sparsegpt.pack_folder(plain, compact, overwrite=True)
+        pairs.append((plain, compact))
+    return pairs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("plain", type=Path)
-    parser.add_argument("compact", type=Path)
+    parser.add_argument("plain", type=Path, nargs="?")
+    parser.add_argument("compact", type=Path, nargs="?")
+    parser.add_argument("--build", type=Path, metavar="DIR", help="make the two pairs under DIR, then time them")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
+    if args.build:
+        pairs = build(args.build)
+    elif args.plain and args.compact:
+        pairs = [(args.plain, args.compact)]
+    else:
+        parser.error("give PLAIN and COMPACT, or --build DIR")
     keep_freed_memory()
-    times: dict[str, list[float]] = {"plain": [], "compact": []}
-    for _ in range(args.repeats):
-        for kind in times:
-            started = time.perf_counter()
-            sparsegpt.load_pretrained(getattr(args, kind))
-            times[kind].append(time.perf_counter() - started)
-    plain, compact = (statistics.median(times[kind]) for kind in ("plain", "compact"))
-    print(json.dumps({"plain_seconds": plain, "compact_seconds": compact, "ratio": compact / plain}))
+    for plain_folder, compact_folder in pairs:
+        times: dict[Path, list[float]] = {plain_folder: [], compact_folder: []}
+        for _ in range(args.repeats):
+            for folder in times:
+                started = time.perf_counter()
+                sparsegpt.load_pretrained(folder)
+                times[folder].append(time.perf_counter() - started)
+        plain, compact = (statistics.median(times[folder]) for folder in (plain_folder, compact_folder))
+        row = {"compact": str(compact_folder), "plain_seconds": round(plain, 3), "compact_seconds": round(compact, 3)}
+        print(json.dumps(row | {"ratio": round(compact / plain, 2)}))
 
 
 if __name__ == "__main__":

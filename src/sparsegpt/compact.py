@@ -27,7 +27,7 @@ from torch import nn
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
-from sparsegpt.solver.quant import QuantGrid, dequantize, quantize
+from sparsegpt.solver.quant import QuantGrid, dequantize, dequantize_groups, group_views, quantize
 
 FORMAT_NAME = "sparsegpt-compact"
 FORMAT_VERSION = 1
@@ -74,21 +74,16 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream.view(-1, 8).float() @ powers).to(torch.uint8)
 
 
-@functools.cache
-def _value_table(bits: int) -> torch.Tensor:
-    """For widths dividing 8: row v holds the 8 / bits values packed in byte v, first value first."""
-    shifts = torch.arange(0, 8, bits)
-    return ((torch.arange(256).unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
-
-
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` values of a ``pack_bits`` stream, as uint8."""
-    if 8 % bits == 0:  # whole values per byte: one table lookup per byte
-        return _value_table(bits).index_select(0, packed.reshape(-1).int()).reshape(-1)[:count]
+    if 8 % bits == 0:  # whole values per byte: value j of a byte is (byte >> j·bits) & mask, one numpy pass each
+        stream = packed.contiguous().numpy().reshape(-1)
+        values = np.empty((stream.size, 8 // bits), dtype=np.uint8)
+        for j in range(8 // bits):
+            np.bitwise_and(np.right_shift(stream, j * bits), (1 << bits) - 1, out=values[:, j])
+        return torch.from_numpy(values.reshape(-1)[:count])
     table, powers = _bit_table()
     stream = table.index_select(0, packed.reshape(-1).int()).reshape(-1)[: count * bits]
-    if bits == 1:
-        return stream
     return (stream.view(count, bits).float() @ powers[:bits]).to(torch.uint8)
 
 
@@ -160,16 +155,25 @@ class Layout:
         flat = matrix.reshape(-1)
         return flat if self.targets is None else flat.index_select(0, self.targets)
 
+    def place(self, values: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Write ``values`` at the kept entries of ``matrix`` (a contiguous (rows, cols) matrix of the values'
+        dtype), leaving the other entries as they are; returns ``matrix``."""
+        if self.targets is None:
+            return matrix.copy_(values.view(self.rows, self.cols))
+        assert matrix.is_contiguous() and matrix.dtype == values.dtype
+        # on integer views: scatter_ moves bit patterns (and was the fastest placement measured here)
+        _integer_view(matrix).view(-1).scatter_(0, self.targets, _integer_view(values))
+        return matrix
+
     def scatter(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """A (rows, cols) matrix holding ``values`` at the kept entries and zeros elsewhere, written into
         ``out`` (a contiguous matrix of the values' dtype) when given."""
-        if self.targets is None:
-            matrix = values.view(self.rows, self.cols)
-            return out.copy_(matrix) if out is not None else matrix
-        matrix = out.zero_() if out is not None else torch.zeros(self.rows, self.cols, dtype=values.dtype)
-        assert matrix.is_contiguous()
-        _integer_view(matrix).numpy().reshape(-1)[self.targets.numpy()] = _integer_view(values).numpy()
-        return matrix
+        if self.targets is None and out is None:
+            return values.view(self.rows, self.cols)
+        matrix = out if out is not None else torch.empty(self.rows, self.cols, dtype=values.dtype)
+        if self.targets is not None:
+            matrix.zero_()
+        return self.place(values, matrix)
 
 
 def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
@@ -351,6 +355,10 @@ def decode_tensor(
     if grid is None:
         values = read(f"{name}::values")
         _expect(name, "values", values, (kept_count,), dtype)
+        if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
+            layout.scatter(values, out.view(rows, cols))
+            return out
+        matrix = layout.scatter(values)
     else:
         group = grid.group(cols)
         codes = read(f"{name}::codes")
@@ -359,13 +367,16 @@ def decode_tensor(
         _expect(name, "scales", scales, (rows, grid.groups(cols)), torch.float16)
         zeros = read(f"{name}::zeros")
         _expect(name, "zeros", zeros, (rows, grid.groups(cols)), torch.uint8)
-        codes = unpack_bits(codes, grid.bits, kept_count).float()
-        scale, zero = _per_entry(scales, group, layout), _per_entry(zeros, group, layout)
-        values = dequantize(codes, scale, zero).to(dtype)
-    if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
-        layout.scatter(values, out.view(rows, cols))
-        return out
-    matrix = layout.scatter(values)
+        # Dequantize densely (a few cheap passes over the whole matrix beat per-entry scale lookups): pruned
+        # entries hold their group's zero point, so they come out as (z − z)·s = +0.0, as stored.
+        dense_codes = torch.empty(rows, cols, dtype=torch.uint8)
+        for view, which in group_views(dense_codes, group):
+            view.copy_(zeros[:, which, None].expand_as(view))
+        layout.place(unpack_bits(codes, grid.bits, kept_count), dense_codes)
+        matrix = dequantize_groups(dense_codes, scales, zeros, group)
+        if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
+            return out.copy_(matrix.view(shape))
+        matrix = matrix.to(dtype)
     tensor = matrix.T.contiguous() if transposed else matrix.reshape(shape)
     return out.copy_(tensor) if out is not None else tensor
 
@@ -619,13 +630,7 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = model.state_dict()
     loaded = set()
-    # tensors decode independently (torch and zlib release the GIL): one single-threaded worker per core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _decode_all(folder, manifest, state, loaded, threads)
-    finally:
-        torch.set_num_threads(threads)
+    _decode_all(folder, manifest, state, loaded, torch.get_num_threads())
     model.tie_weights()
 
     state = model.state_dict()
@@ -639,7 +644,11 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
 def _decode_all(
     folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor], loaded: set[str], workers: int
 ) -> None:
-    with opened_entries(folder, manifest) as entries, ThreadPoolExecutor(workers) as pool:
+    # Tensors decode independently (torch, numpy and zlib release the GIL): one worker per core, each
+    # single-threaded. OpenMP's thread count is per thread, so each worker sets its own; otherwise every
+    # worker would run a team of its own and they would fight over the cores.
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    with opened_entries(folder, manifest) as entries, pool:
         jobs = []
         for name, entry, read in entries:
             if name not in state:

@@ -3,7 +3,10 @@
 glibc's allocator hands tensors above a size threshold straight back to the kernel when they are freed,
 and trims the heap as soon as its free top grows, so every forward pass of a calibration batch faults its
 activations in again, page by page. On 2 cores that cost 10-20% of a block's forward time, all of it
-kernel time (see docs/BENCHMARKS.md). Keeping freed memory in the process removes it.
+kernel time (see docs/BENCHMARKS.md). Keeping freed memory in the process removes it. Threads other than
+the main one get arenas of their own, whose heaps glibc unmaps as soon as they empty, whatever the trim
+threshold: one arena for all threads keeps their temporaries warm too (the compact loader decodes on
+worker threads).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
 _NEVER_TRIM = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks up to 32 MiB in the heap and never trim it. Returns False (and does
-    nothing) where the C library is not glibc."""
+    """Ask glibc to keep freed blocks up to 32 MiB in the heap, never trim it, and serve all threads from
+    one arena. Returns False (and does nothing) where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -32,5 +36,10 @@ def keep_freed_memory() -> bool:
         log.debug("no mallopt in the C library; allocator left as it is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    settings = ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _NEVER_TRIM), (_M_TOP_PAD, 256 << 20))
+    settings = (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
+        (_M_TRIM_THRESHOLD, _NEVER_TRIM),
+        (_M_TOP_PAD, 256 << 20),
+        (_M_ARENA_MAX, 1),
+    )
     return all(mallopt(option, value) == 1 for option, value in settings)
