@@ -3,7 +3,16 @@
 __version__ = "0.1.0"
 
 from sparsegpt import data  # noqa: E402
-from sparsegpt.api import Evaluation, PruneResult, compare, evaluate, prune  # noqa: E402
+from sparsegpt.api import (  # noqa: E402
+    Evaluation,
+    PruneResult,
+    compare,
+    evaluate,
+    evaluate_streamed,
+    plan_streamed,
+    prune,
+    prune_streamed,
+)
 from sparsegpt.compact import pack_folder, unpack_folder  # noqa: E402
 from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
 from sparsegpt.errors import SparseGPTError  # noqa: E402
@@ -24,10 +33,13 @@ __all__ = [
     "compare",
     "data",
     "evaluate",
+    "evaluate_streamed",
     "load_model",
     "load_pretrained",
     "pack_folder",
+    "plan_streamed",
     "prune",
     "prune_model",
+    "prune_streamed",
     "unpack_folder",
 ]

@@ -18,7 +18,7 @@ from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
-from sparsegpt.models import context_length, find_blocks, load_model
+from sparsegpt.models import config_context_length, context_length, find_blocks, load_model
 from sparsegpt.pipeline import LayerRecord, prune_model
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def capped_seqlen(model: nn.Module, seqlen: int) -> int:
-    """``seqlen`` limited to the model's context length."""
-    limit = context_length(model)
+def capped_seqlen(model: nn.Module | Any, seqlen: int) -> int:
+    """``seqlen`` limited to the context length of a model (or of a transformers config)."""
+    limit = context_length(model) if isinstance(model, nn.Module) else config_context_length(model)
     if limit is not None and seqlen > limit:
         log.info("sequence length %d capped at the model's context length %d", seqlen, limit)
         return limit
@@ -272,3 +272,143 @@ def compare(
         "rows": rows,
         "versions": versions(),
     }
+
+
+def _stream_folder(model: str) -> Path:
+    """The local transformers folder a streamed run reads (an alias resolves to its cached folder)."""
+    from sparsegpt import assets
+
+    if model in assets.MODEL_ALIASES:
+        return assets.model_folder(model)
+    folder = Path(model)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise SparseGPTError(
+            f"streaming reads a local transformers folder with safetensors weights; {model} is not one"
+        )
+    return folder
+
+
+def _config_of(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
+
+
+def plan_streamed(
+    model: str,
+    config: PruneConfig | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    offload_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The plan of a streamed prune (see ``streamed.plan``), reading no weights."""
+    from sparsegpt import streamed
+    from sparsegpt.models import resolve_dtype
+    from sparsegpt.stream import resolve_device
+
+    config = config or PruneConfig()
+    folder = _stream_folder(model)
+    config = replace(config, seqlen=capped_seqlen(_config_of(folder), config.seqlen))
+    return streamed.plan(
+        folder,
+        config,
+        dtype=resolve_dtype(dtype),
+        device=resolve_device(device),
+        offload_dir=Path(offload_dir) if offload_dir else None,
+    )
+
+
+def prune_streamed(
+    model: str,
+    out: str | Path,
+    config: PruneConfig | None = None,
+    calibration: str | None = "sotu:train",
+    evaluations: list[Evaluation] | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    offload_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Prune a model folder into ``out`` one decoder block at a time (see ``sparsegpt.streamed``):
+    memory holds one block, its Hessians and the calibration activations (or, with ``offload_dir``, one
+    batch of them). ``resume`` continues an interrupted run. Perplexities of ``evaluations`` are
+    measured on the output, streamed the same way, into ``result.report["ppl"]``."""
+    from sparsegpt import streamed
+    from sparsegpt.models import _tokenizer, resolve_dtype
+    from sparsegpt.stream import resolve_device
+
+    config = config or PruneConfig()
+    folder = _stream_folder(model)
+    model_config = _config_of(folder)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    offload = Path(offload_dir) if offload_dir else None
+    evaluations = evaluations or []
+    if config.needs_calibration and not calibration:
+        raise SparseGPTError(f"{config.method} needs a calibration source")
+    calib_text = data.load_text(calibration, data.CALIBRATION) if config.needs_calibration and calibration else None
+    eval_texts = [data.load_text(evaluation.source, data.EVALUATION) for evaluation in evaluations]
+    tokenizer = _tokenizer(str(folder)) if calib_text or eval_texts else None
+    windows = None
+    if calib_text is not None:
+        seqlen = capped_seqlen(model_config, config.seqlen)
+        windows = data.calibration_windows(data.tokenize(calib_text, tokenizer), config.nsamples, seqlen, config.seed)
+        config = replace(config, seqlen=seqlen)
+    streamed.check_plan(streamed.plan(folder, config, dtype=torch_dtype, device=torch_device, offload_dir=offload))
+    run = streamed.prune_streamed(
+        folder,
+        Path(out),
+        config,
+        windows,
+        dtype=torch_dtype,
+        device=torch_device,
+        offload_dir=offload,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    run.report["ppl"] = {}
+    for text, evaluation in zip(eval_texts, evaluations):
+        scored = data.evaluation_windows(
+            data.tokenize(text, tokenizer), capped_seqlen(model_config, evaluation.seqlen), evaluation.windows
+        )
+        run.report["ppl"][text.name] = streamed.perplexity_streamed(
+            run.out, scored, dtype=torch_dtype, device=torch_device, offload_dir=offload, progress=progress
+        )
+    if run.report["ppl"]:
+        write_json_atomically(run.out / REPORT_NAME, run.report)
+    return run
+
+
+def evaluate_streamed(
+    model: str,
+    evaluation: Evaluation,
+    dtype: str = "auto",
+    device: str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[str, float]:
+    """Perplexity of a model folder holding one decoder block in memory at a time."""
+    from sparsegpt import streamed
+    from sparsegpt.models import _tokenizer, resolve_dtype
+    from sparsegpt.stream import resolve_device
+
+    folder = _stream_folder(model)
+    text = data.load_text(evaluation.source, data.EVALUATION)
+    tokenizer = _tokenizer(str(folder))
+    seqlen = capped_seqlen(_config_of(folder), evaluation.seqlen)
+    windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
+    value = streamed.perplexity_streamed(
+        folder,
+        windows,
+        dtype=resolve_dtype(dtype),
+        device=resolve_device(device),
+        offload_dir=Path(offload_dir) if offload_dir else None,
+        progress=progress,
+    )
+    return text.name, value

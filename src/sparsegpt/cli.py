@@ -12,6 +12,7 @@ from typing import Any
 from sparsegpt.config import METHODS, PruneConfig, parse_override
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
+from sparsegpt.stream import resolve_device
 
 EXIT_USAGE = 2
 DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train --eval sotu:test"
@@ -53,6 +54,25 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
 
 
+def _add_stream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="hold one decoder block in memory at a time, reading weights from the folder's safetensors",
+    )
+    parser.add_argument(
+        "--offload-dir",
+        type=Path,
+        default=None,
+        help="keep activations between blocks in files here (implies --stream)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where blocks and Hessians are computed: cpu, cuda, cuda:N or auto (default cpu)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsegpt", description="One-shot pruning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -77,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_stream_options(prune)
+    prune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted --stream run to the same output (implies --stream)",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="print the streamed run's plan and expected peak memory, then stop"
+    )
 
     for name, text in (
         ("pack", "convert a transformers folder into a compact one"),
@@ -93,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, default=None, help="at most N windows")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_stream_options(evaluate)
 
     compare = commands.add_parser("compare", help="dense and several methods side by side")
     _add_model_options(compare)
@@ -173,15 +203,25 @@ def _run(args: argparse.Namespace) -> None:
             print(f"unpacked into {args.output}")
         return
     if args.command == "eval":
-        model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype)
         evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows)
-        name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
+        if args.stream or args.offload_dir:
+            source = args.model
+            name, value = sparsegpt.evaluate_streamed(
+                args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
+            )
+        else:
+            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype)
+            model = model.to(resolve_device(args.device))
+            name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
         if args.json:
             print(json.dumps({"model": source, "data": name, "ppl": value}))
         else:
             print(f"{name}: perplexity {value:.3f} ({source})")
         return
     evaluations = [sparsegpt.Evaluation(source, args.seqlen, args.eval_windows) for source in args.eval]
+    if args.command == "prune" and (args.stream or args.offload_dir or args.resume or args.dry_run):
+        _prune_streamed(args, evaluations, progress)
+        return
     if args.command == "prune":
         config = _config(args, args.method)
         io.check_output_folder(args.output, args.overwrite)
@@ -205,6 +245,58 @@ def _run(args: argparse.Namespace) -> None:
         f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
     )
     print(_comparison_table(comparison))
+
+
+def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: bool) -> None:
+    import sparsegpt
+
+    config = _config(args, args.method)
+    if args.dry_run:
+        plan = sparsegpt.plan_streamed(args.model, config, args.dtype, args.device, args.offload_dir)
+        print(_plan_text(plan))
+        from sparsegpt.streamed import check_plan
+
+        check_plan(plan)
+        return
+    if args.format != "dense" or args.report:
+        raise SparseGPTError("--stream writes a dense folder with its report inside (no --format compact, no --report)")
+    run = sparsegpt.prune_streamed(
+        args.model,
+        args.output,
+        config,
+        args.calib,
+        evaluations,
+        args.dtype,
+        args.device,
+        args.offload_dir,
+        args.resume,
+        args.overwrite,
+        progress,
+    )
+    print(_layer_table(run.layers))
+    resumed = f", resumed after block {run.resumed_at}" if run.resumed_at is not None else ""
+    print(
+        f"\n{config.method}: sparsity {run.report['sparsity']:.4f} in {run.prune_seconds:.1f} s{resumed}; saved to {run.out}"
+    )
+    for name, value in run.report.get("ppl", {}).items():
+        print(f"perplexity on {name}: {value:.3f}")
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    def gib(value: int | None) -> str:
+        return "unknown" if value is None else f"{value / 2**30:.2f} GiB"
+
+    lines = [
+        f"model: {plan['model']} ({gib(plan['weights_on_disk'])} of weights on disk, {plan['dtype']})",
+        f"blocks: {plan['blocks']} of up to {gib(plan['block_bytes'])}, {plan['layers_per_block']} layers each",
+        f"Hessians per block: up to {gib(plan['hessian_bytes_per_block'])}",
+        f"outside the blocks: {gib(plan['outside_blocks_bytes'])}",
+        f"calibration: {plan['calibration_tokens']} tokens, activations {gib(plan['activation_bytes'])} "
+        f"(kept on {plan['activations_on']})",
+    ]
+    for device, peak in plan["peak_bytes"].items():
+        lines.append(f"expected peak on {device}: {gib(peak)} (free now: {gib(plan['available_bytes'].get(device))})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,17 +33,25 @@ def write_folder_atomically(out: Path, fill: Callable[[Path], None], overwrite: 
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         fill(build)
-        _relax_permissions(build)
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(build, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(build, out)
+        publish_folder(build, out, overwrite)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+def publish_folder(build: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished folder ``build`` to ``out`` (a sibling), replacing an existing ``out`` only with
+    ``overwrite``; the old one is removed after the new one is in place."""
+    check_output_folder(out, overwrite)
+    out = out.resolve()
+    _relax_permissions(build)
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, retired / out.name)
+        os.replace(build, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(build, out)
 
 
 def _relax_permissions(folder: Path) -> None:

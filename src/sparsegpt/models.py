@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,11 @@ def check_finite_weights(model: nn.Module) -> None:
 
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence the model's config admits, when it says."""
-    config = model.config
+    return config_context_length(model.config)
+
+
+def config_context_length(config: Any) -> int | None:
+    """The longest sequence a transformers config admits, when it says."""
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attribute, None)
         if isinstance(value, int) and value > 0:

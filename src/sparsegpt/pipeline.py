@@ -106,16 +106,22 @@ def _share_equal_tensors(call: BlockCall, pool: list[torch.Tensor]) -> None:
     call.kwargs = {key: shared(value) for key, value in call.kwargs.items()}
 
 
+def _shaped(template: Any, states: torch.Tensor) -> Any:
+    """``states`` in the structure a block returns (a tensor, or a tuple whose first item is the states)."""
+    return (states, *template[1:]) if isinstance(template, (tuple, list)) else states
+
+
 def capture_block_inputs(
-    model: nn.Module, blocks: list[Block], batches: list[torch.Tensor]
+    model: nn.Module, blocks: list[Block], batches: list[torch.Tensor], template: list[Any] | None = None
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Hidden states entering the first block, per batch, and every block's other arguments, per batch.
 
-    Returns (hidden[b], calls[block][b]).
+    Only the first block runs (once, to learn the structure blocks return; appended to ``template`` when
+    given), so the other blocks may hold no weights. Returns (hidden[b], calls[block][b]).
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
-    template: list[Any] = []  # the real output of block 0, so recorders return the same structure
+    template = [] if template is None else template  # the real output of block 0
     pool: list[torch.Tensor] = []
 
     def recorder(index: int, block: nn.Module) -> Callable[..., Any]:
@@ -131,8 +137,7 @@ def capture_block_inputs(
                 raise _StopForward
             if not template:
                 template.append(real_forward(*args, **kwargs))
-            shape = template[0]
-            return (states, *shape[1:]) if isinstance(shape, (tuple, list)) else states
+            return _shaped(template[0], states)
 
         return record
 
@@ -153,6 +158,29 @@ def capture_block_inputs(
         for block in blocks:
             del block.module.forward
     return hidden, [list(per_block) for per_block in zip(*calls)]
+
+
+@torch.no_grad()
+def logits_after_blocks(
+    model: nn.Module, blocks: list[nn.Module], batch: torch.Tensor, final: torch.Tensor, template: Any
+) -> torch.Tensor:
+    """The model's logits for ``batch`` when its last block outputs ``final``: the forward runs the
+    embeddings and the head but no block (each passes its input on), so blocks may hold no weights."""
+
+    def passing(last: bool) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            states, _ = _split_hidden(args, kwargs)
+            return _shaped(template, final if last else states)
+
+        return forward
+
+    for position, block in enumerate(blocks):
+        block.forward = passing(position == len(blocks) - 1)
+    try:
+        return model(input_ids=batch, use_cache=False).logits
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 class LinearInputObserver(TorchFunctionMode):
@@ -248,20 +276,23 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
     )
 
 
+def chosen_weights(block: Block, config: PruneConfig) -> list[tuple[LinearWeight, float]]:
+    """The weights of ``block`` to prune, with their sparsity; checks N:M divisibility."""
+    chosen = []
+    for weight in block.weights:
+        sparsity = config.sparsity_for(weight.name)
+        if sparsity is None:
+            continue
+        width = weight.matrix().shape[1]
+        if config.pattern is not None and width % config.pattern.m:
+            raise SparseGPTError(f"{weight.name}: input width {width} is not divisible by M={config.pattern.m}")
+        chosen.append((weight, sparsity))
+    return chosen
+
+
 def _selected(blocks: list[Block], config: PruneConfig) -> list[tuple[Block, list[tuple[LinearWeight, float]]]]:
     """Each block with the weights to prune and their sparsity; checks N:M divisibility up front."""
-    plan = []
-    for block in blocks:
-        chosen = []
-        for weight in block.weights:
-            sparsity = config.sparsity_for(weight.name)
-            if sparsity is None:
-                continue
-            width = weight.matrix().shape[1]
-            if config.pattern is not None and width % config.pattern.m:
-                raise SparseGPTError(f"{weight.name}: input width {width} is not divisible by M={config.pattern.m}")
-            chosen.append((weight, sparsity))
-        plan.append((block, chosen))
+    plan = [(block, chosen_weights(block, config)) for block in blocks]
     if not any(chosen for _, chosen in plan):
         raise SparseGPTError("no prunable layers: every linear layer of the model is skipped")
     return plan
@@ -320,12 +351,26 @@ def prune_model(
     batches = list(calibration.to(device).split(config.batch_size))
     hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
     for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
-        weights = [weight for weight, _ in chosen]
-        statistics = observe_block(block, weights, hidden, calls[index], device, config.needs_hessian)
-        for weight, sparsity in chosen:
-            records.append(_solve(weight, sparsity, config, statistics.get(weight.name)))
-        del statistics
-        if index == len(plan) - 1:
-            break  # the last block's outputs feed nothing that is pruned
-        advance_block(block, hidden, calls[index])
+        # the last block's outputs feed nothing that is pruned
+        records.extend(prune_block(block, chosen, hidden, calls[index], device, config, index < len(plan) - 1))
+    return records
+
+
+def prune_block(
+    block: Block,
+    chosen: list[tuple[LinearWeight, float]],
+    hidden: Any,
+    calls: list[BlockCall],
+    device: torch.device,
+    config: PruneConfig,
+    advance: bool,
+) -> list[LayerRecord]:
+    """One step of the sweep: observe ``block``'s inputs over every batch, prune its ``chosen`` weights,
+    then (with ``advance``) replace ``hidden`` by the pruned block's outputs."""
+    weights = [weight for weight, _ in chosen]
+    statistics = observe_block(block, weights, hidden, calls, device, config.needs_hessian) if calls else {}
+    records = [_solve(weight, sparsity, config, statistics.get(weight.name)) for weight, sparsity in chosen]
+    del statistics
+    if advance:
+        advance_block(block, hidden, calls)
     return records

@@ -1,0 +1,385 @@
+"""Models that never have to fit in memory: weights are read block by block from safetensors shards.
+
+A *skeleton* is the model built without weights (parameters on the meta device, buffers real). The
+small parts outside the decoder blocks (embeddings, final norm, lm_head) are loaded once; each block's
+tensors are read from the shards when that block is processed and dropped after it. The pipeline
+(``pipeline.py``) is the same one that prunes in-memory models; this module only moves weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.models import Block, find_block_list, find_weights, prefer_eager_experts
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class WeightSource:
+    """The tensors of a transformers folder's safetensors files (one file, or shards with an index),
+    read one at a time; files stay open (memory-mapped) while the source is entered."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise SparseGPTError(f"{index}: unreadable shard index ({error})") from None
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / SINGLE_NAME).is_file():
+            self.files = {}
+            with self._open(folder / SINGLE_NAME) as handle:
+                self.files = dict.fromkeys(handle.keys(), folder / SINGLE_NAME)  # noqa: SIM118 (a handle)
+        else:
+            raise SparseGPTError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}: streaming needs safetensors weights")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self._keys: dict[str, str] = {}
+
+    def __enter__(self) -> WeightSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    @staticmethod
+    @contextmanager
+    def _open(path: Path) -> Iterator[Any]:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise SparseGPTError(f"{path.name}, named in the shard index, is missing")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                yield handle
+        except SparseGPTError:
+            raise
+        except Exception as error:  # safetensors' own error types for truncated or corrupted files
+            raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
+
+    def attach(self, model: nn.Module) -> None:
+        """Name tensors as ``model`` does: transformers renames some checkpoint keys when it loads them
+        (GPT-NeoX's ``embed_out`` is its ``lm_head``); the same renaming applies here, and ``key`` maps
+        back. Checkpoints whose tensors are merged or split on load cannot be streamed."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # a transformers without load-time conversions
+            return
+        transforms = get_model_conversion_mapping(model)
+        renamings = [item for item in transforms if isinstance(item, WeightRenaming)]
+        converters = [item for item in transforms if isinstance(item, WeightConverter)]
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        names = {}
+        for key in self.files:
+            renamed, converted = rename_source_key(key, renamings, converters, prefix, meta)
+            if converted is not None:
+                raise SparseGPTError(
+                    f"{self.folder}: tensor {key} is converted (merged or split) when transformers loads it; "
+                    "streaming reads tensors one at a time and cannot do that"
+                )
+            names[renamed] = key
+        self._keys = names
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of the model's tensor ``name``."""
+        return self._keys.get(name, name)
+
+    def __contains__(self, name: str) -> bool:
+        return self.key(name) in self.files
+
+    def read(self, name: str) -> torch.Tensor:
+        """The model's tensor ``name``, copied out of its file."""
+        name = self.key(name)
+        path = self.files.get(name)
+        if path is None:
+            raise SparseGPTError(f"{self.folder}: the weights lack tensor {name}")
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(self._open(path))
+        try:
+            return self._handles[path].get_tensor(name)
+        except Exception as error:
+            raise SparseGPTError(f"{path.name}: cannot read {name} ({error})") from None
+
+    def nbytes(self) -> int:
+        """Total size of the weight files."""
+        return sum(path.stat().st_size for path in set(self.files.values()))
+
+
+@dataclass
+class Skeleton:
+    """A model whose decoder blocks hold no weights until ``load_block``; everything else is loaded."""
+
+    model: nn.Module
+    list_name: str
+    blocks: nn.ModuleList
+    source: WeightSource
+    dtype: torch.dtype
+    device: torch.device
+
+    def block_name(self, index: int) -> str:
+        return f"{self.list_name}.{index}"
+
+    def load_block(self, index: int) -> Block:
+        """Read block ``index``'s tensors onto the device; returns it with its prunable weights."""
+        name = self.block_name(index)
+        module = self.blocks[index]
+        _materialize(module, name, self.source, self.dtype, self.device)
+        return Block(name, module, find_weights(module, name))
+
+    def release_block(self, index: int) -> None:
+        """Drop block ``index``'s tensors (back to the meta device)."""
+        _to_meta(self.blocks[index])
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s parameters and persistent buffers by checkpoint name, on the CPU."""
+        name = self.block_name(index)
+        stored = _stored(self.blocks[index])
+        return {self.source.key(f"{name}.{key}"): tensor.detach().cpu() for key, tensor in stored.items()}
+
+    def other_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors outside the blocks (tied copies once), on the CPU."""
+        inside = {id(tensor) for tensor in self.blocks.state_dict(keep_vars=True).values()}
+        seen: set[int] = set()
+        tensors = {}
+        for key, tensor in _stored(self.model).items():
+            if id(tensor) in inside or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensors[self.source.key(key)] = tensor.detach().cpu()
+        return tensors
+
+
+def _stored(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``module`` holds: parameters and persistent buffers, shared ones once."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _materialize(
+    module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype, device: torch.device
+) -> None:
+    for path, owner in module.named_modules():
+        for key, param in list(owner._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            name = ".".join(part for part in (prefix, path, key) if part)
+            if name not in source:
+                continue  # a tied parameter, filled by tie_weights; checked by the caller
+            tensor = source.read(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise SparseGPTError(
+                    f"{name}: stored shape {list(tensor.shape)}, the model expects {list(param.shape)}"
+                )
+            tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            owner._parameters[key] = nn.Parameter(tensor, requires_grad=False)
+        for key, buffer in list(owner._buffers.items()):
+            name = ".".join(part for part in (prefix, path, key) if part)
+            if buffer is not None and name in source and key not in owner._non_persistent_buffers_set:
+                owner._buffers[key] = source.read(name).to(device)
+            elif buffer is not None and buffer.device != device:
+                owner._buffers[key] = buffer.to(device)
+
+
+def _to_meta(module: nn.Module) -> None:
+    for owner in module.modules():
+        for key, param in list(owner._parameters.items()):
+            if param is not None:
+                owner._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (the accelerator when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SparseGPTError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparseGPTError(f"device {name} asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise SparseGPTError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
+    return device
+
+
+def open_skeleton(
+    folder: Path, dtype: torch.dtype | str, device: torch.device, stack: ExitStack, load: bool = True
+) -> Skeleton:
+    """Build ``folder``'s model without weights and (with ``load``) load everything outside its decoder
+    blocks onto ``device``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsegpt import compact
+
+    if compact.is_compact(folder):
+        raise SparseGPTError(f"{folder} is a compact folder; streaming reads plain ones (sparsegpt unpack first)")
+    source = stack.enter_context(WeightSource(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    assert isinstance(dtype, torch.dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    prefer_eager_experts(model)
+    source.attach(model)
+    model.tie_weights()
+    list_name, blocks = find_block_list(model)
+    if not load:
+        return Skeleton(model, list_name, blocks, source, dtype, device)
+    inside = {id(module) for module in blocks.modules()}
+    for path, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        for key, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            name = f"{path}.{key}" if path else key
+            if name in source:
+                tensor = source.read(name).to(device=device, dtype=dtype)
+                module._parameters[key] = nn.Parameter(tensor, requires_grad=False)
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+    model.tie_weights()
+    missing = [
+        name
+        for name, param in model.named_parameters()
+        if param.device.type == "meta" and not name.startswith(f"{list_name}.")
+    ]
+    if missing:
+        raise SparseGPTError(f"{folder}: the weights lack tensor {missing[0]}")
+    return Skeleton(model, list_name, blocks, source, dtype, device)
+
+
+class Activations:
+    """The hidden states of every calibration batch between two blocks, list-like: in CPU memory, or
+    spilled to one safetensors file per batch in ``folder``. Handed out on ``device``.
+
+    Writes go to the next *generation*; ``commit`` makes it the one read (so an interrupted block leaves
+    the previous generation whole), ``drop_old`` deletes the generation before it.
+    """
+
+    def __init__(self, count: int, device: torch.device, folder: Path | None = None, generation: int = 0) -> None:
+        self.count = count
+        self.device = device
+        self.folder = folder
+        self.generation = generation
+        self._memory: list[torch.Tensor | None] = [None] * count
+        self._next: list[torch.Tensor | None] = [None] * count
+
+    def _path(self, generation: int, batch: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"hidden-{generation:05d}-{batch:05d}.safetensors"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[batch] for batch in range(self.count))
+
+    def __getitem__(self, batch: int) -> torch.Tensor:
+        if self.folder is None:
+            tensor = self._memory[batch]
+            assert tensor is not None
+            return tensor.to(self.device)
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(self.generation, batch)))["hidden"].to(self.device)
+
+    def __setitem__(self, batch: int, tensor: torch.Tensor) -> None:
+        if self.folder is None:
+            self._next[batch] = tensor.to("cpu")
+            return
+        save_durably({"hidden": tensor}, self._path(self.generation + 1, batch))
+
+    def fill(self, tensors: list[torch.Tensor]) -> None:
+        """Set every batch and commit (the states entering the first block)."""
+        for batch, tensor in enumerate(tensors):
+            self[batch] = tensor
+        self.commit()
+
+    def commit(self) -> None:
+        """Make the states written since the last commit the ones read."""
+        if self.folder is None:
+            self._memory, self._next = self._next, [None] * self.count
+        self.generation += 1
+
+    def drop_old(self) -> None:
+        """Delete the generation before the current one (spilled states only)."""
+        if self.folder is not None:
+            for batch in range(self.count):
+                self._path(self.generation - 1, batch).unlink(missing_ok=True)
+
+    def checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Make the current generation durable; returns what ``restore`` needs."""
+        if self.folder is not None:
+            return {"folder": str(self.folder), "generation": self.generation}
+        name = f"activations-{self.generation:05d}.safetensors"
+        save_durably(
+            {f"{batch}": tensor for batch, tensor in enumerate(self._memory) if tensor is not None}, folder / name
+        )
+        return {"file": name, "generation": self.generation}
+
+    def forget_checkpoint(self, folder: Path, saved: dict[str, Any]) -> None:
+        """Delete a checkpoint that a newer one replaced."""
+        if "file" in saved:
+            (folder / saved["file"]).unlink(missing_ok=True)
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any], count: int, device: torch.device, folder: Path) -> Activations:
+        """The store a ``checkpoint`` described."""
+        if "file" not in saved:
+            store = cls(count, device, Path(saved["folder"]), int(saved["generation"]))
+            missing = [b for b in range(count) if not store._path(store.generation, b).is_file()]
+            if missing:
+                raise SparseGPTError(f"cannot resume: spilled activations are missing from {store.folder}")
+            return store
+        from safetensors.torch import load_file
+
+        store = cls(count, device, None, int(saved["generation"]))
+        tensors = load_file(str(folder / saved["file"]))
+        store._memory = [tensors[f"{batch}"] for batch in range(count)]
+        return store
+
+
+def save_durably(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file through a temporary name, flushed to disk before it takes its name."""
+    from safetensors.torch import save_file
+
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file({key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}, str(temporary))
+    _fsync(temporary)
+    os.replace(temporary, path)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

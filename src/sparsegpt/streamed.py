@@ -1,0 +1,477 @@
+"""Pruning and evaluating a model folder block by block, with durable progress.
+
+The output is built in a fixed sibling folder ``.<out>.sparsegpt-partial``: after each block, its pruned
+tensors (one shard per block), its quantization grids, the activations the next block needs and
+``progress.json`` (written last) are on disk. A run started again with ``resume`` reads the progress,
+checks that it was made with the same settings, and continues; nothing else of the interrupted run is
+trusted. When every block is done the remaining files are written, the progress files removed, and the
+folder moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsegpt import compact
+from sparsegpt.config import PruneConfig
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.evaluate import nll_of_logits, perplexity_of
+from sparsegpt.io import REPORT_NAME, check_output_folder, publish_folder, write_json_atomically
+from sparsegpt.models import find_weights
+from sparsegpt.pipeline import (
+    LayerRecord,
+    advance_block,
+    capture_block_inputs,
+    chosen_weights,
+    logits_after_blocks,
+    prune_block,
+)
+from sparsegpt.stream import INDEX_NAME, Activations, Skeleton, WeightSource, open_skeleton, save_durably
+
+log = logging.getLogger(__name__)
+
+PROGRESS_NAME = "progress.json"
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
+_OWN_FILES = {REPORT_NAME, compact.QUANT_SIDECAR, compact.MANIFEST, INDEX_NAME, PROGRESS_NAME}
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a streamed run to ``out`` keeps its work until it is done."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.sparsegpt-partial"
+
+
+@dataclass
+class StreamedRun:
+    """What a streamed prune produced (the folder is already written)."""
+
+    out: Path
+    layers: list[LayerRecord]
+    prune_seconds: float
+    resumed_at: int | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(
+    folder: Path, config: PruneConfig, calibration: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    digest = hashlib.sha256(calibration.numpy().tobytes()).hexdigest() if calibration is not None else None
+    fingerprint = {
+        "model": str(folder.resolve()),
+        "config": config.to_dict(),
+        "calibration_sha256": digest,
+        "dtype": str(dtype),
+        "device": device.type,
+    }
+    return json.loads(json.dumps(fingerprint))  # as it reads back from progress.json
+
+
+def _shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _grids_name(index: int) -> str:
+    return f"grids-{index:05d}.safetensors"
+
+
+def _save_records(folder: Path, index: int, records: list[LayerRecord]) -> list[dict[str, Any]]:
+    tensors = {}
+    for record in records:
+        if record.scales is not None and record.zeros is not None:
+            tensors[f"{record.name}::scales"] = record.scales
+            tensors[f"{record.name}::zeros"] = record.zeros
+    if tensors:
+        save_durably(tensors, folder / _grids_name(index))
+    return [record.to_dict() for record in records]
+
+
+def _load_records(folder: Path, index: int, saved: list[dict[str, Any]]) -> list[LayerRecord]:
+    grids: dict[str, torch.Tensor] = {}
+    if (folder / _grids_name(index)).is_file():
+        from safetensors.torch import load_file
+
+        grids = load_file(str(folder / _grids_name(index)))
+    return [
+        LayerRecord(**item, scales=grids.get(f"{item['name']}::scales"), zeros=grids.get(f"{item['name']}::zeros"))
+        for item in saved
+    ]
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    """Config, tokenizer and the like: every file of the source folder that holds no weights."""
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(_WEIGHT_FILES) and path.name not in _OWN_FILES:
+            shutil.copy2(path, target / path.name)
+
+
+def _quant_specs(skeleton: Skeleton, layers: list[LayerRecord], config: PruneConfig) -> dict[str, compact.QuantSpec]:
+    grid = config.grid
+    if grid is None:
+        return {}
+    specs = {}
+    for layer in layers:
+        if layer.scales is None or layer.zeros is None or layer.name.split(".")[-1].isdigit():
+            continue  # expert slices of fused banks are stored unquantized in streamed runs
+        transposed = _is_transposed(skeleton, layer.name)
+        specs[f"{layer.name}.weight"] = compact.QuantSpec(
+            grid, layer.scales.to(torch.float16), layer.zeros.to(torch.uint8), transposed
+        )
+    return specs
+
+
+def _is_transposed(skeleton: Skeleton, name: str) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(skeleton.model.get_submodule(name), Conv1D)
+
+
+def prune_streamed(
+    folder: Path,
+    out: Path,
+    config: PruneConfig,
+    calibration: torch.Tensor | None,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | None = None,
+    offload_dir: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> StreamedRun:
+    """Prune the model in ``folder`` into ``out`` with at most one decoder block in memory.
+
+    ``calibration`` holds the token windows (None for magnitude pruning). With ``offload_dir`` the
+    activations between blocks live in files there instead of memory. ``resume`` continues an
+    interrupted run to the same ``out`` (bitwise the same result as an uninterrupted run).
+    """
+    device = device or torch.device("cpu")
+    check_output_folder(out, overwrite)
+    work = partial_folder(out)
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        skeleton = open_skeleton(folder, dtype, device, stack)
+        fingerprint = _fingerprint(folder, config, calibration, skeleton.dtype, device)
+        state = _start(work, fingerprint, resume, overwrite)
+        total = len(skeleton.blocks)
+        layers: list[LayerRecord] = []
+        for index in range(state["done"]):
+            layers.extend(_load_records(work, index, state["records"][index]))
+        resumed_at = state["done"] if resume and state["done"] else None
+        if resumed_at is not None:
+            log.info("resuming %s after block %d of %d", out, resumed_at, total)
+        if config.needs_calibration:
+            if calibration is None:
+                raise SparseGPTError(f"{config.method} needs calibration data")
+            layers.extend(_calibrated(skeleton, work, state, config, calibration, offload_dir, progress))
+        else:
+            for index in tqdm(range(state["done"], total), desc="pruning blocks", disable=not progress):
+                block = skeleton.load_block(index)
+                records = prune_block(block, chosen_weights(block, config), [], [], device, config, False)
+                _finish_block(skeleton, work, state, index, records, None)
+                layers.extend(records)
+        if not layers:
+            raise SparseGPTError("no prunable layers: every linear layer of the model is skipped")
+        seconds = time.perf_counter() - started
+        report = _finalize(skeleton, folder, work, layers, config, seconds)
+    publish_folder(work, out, overwrite)
+    return StreamedRun(out, layers, seconds, resumed_at, report)
+
+
+def _start(work: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any]:
+    progress_file = work / PROGRESS_NAME
+    if work.exists() and progress_file.is_file() and not overwrite:
+        state = json.loads(progress_file.read_text())
+        if not resume:
+            raise SparseGPTError(
+                f"an interrupted run to this output is at {work} ({state['done']} blocks done): "
+                "use --resume to continue it, or --overwrite to start again"
+            )
+        if state["fingerprint"] != fingerprint:
+            changed = sorted(key for key in fingerprint if fingerprint[key] != state["fingerprint"].get(key))
+            raise SparseGPTError(
+                f"cannot resume {work}: it was made with different {', '.join(changed)}; use --overwrite to start again"
+            )
+        return state
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    return {"fingerprint": fingerprint, "done": 0, "records": [], "activations": None}
+
+
+def _calibrated(
+    skeleton: Skeleton,
+    work: Path,
+    state: dict[str, Any],
+    config: PruneConfig,
+    calibration: torch.Tensor,
+    offload_dir: Path | None,
+    progress: bool,
+) -> list[LayerRecord]:
+    device = skeleton.device
+    batches = list(calibration.to(device).split(config.batch_size))
+    modules = list(skeleton.blocks)
+    total = len(modules)
+    first = skeleton.load_block(0)  # the structure blocks return is learnt from a real call of block 0
+    entering, calls = capture_block_inputs(
+        skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches
+    )
+    if state["done"] == 0:
+        if offload_dir is not None:
+            offload_dir.mkdir(parents=True, exist_ok=True)
+        hidden = Activations(len(batches), device, offload_dir)
+        hidden.fill(entering)
+    else:
+        skeleton.release_block(0)
+        hidden = Activations.restore(state["activations"], len(batches), device, work)
+    del entering
+    layers = []
+    for index in tqdm(
+        range(state["done"], total), initial=state["done"], total=total, desc="pruning blocks", disable=not progress
+    ):
+        block = first if index == 0 and state["done"] == 0 else skeleton.load_block(index)
+        advance = index < total - 1
+        records = prune_block(block, chosen_weights(block, config), hidden, calls[index], device, config, advance)
+        if advance:
+            hidden.commit()
+        _finish_block(skeleton, work, state, index, records, hidden if advance else None)
+        layers.extend(records)
+    return layers
+
+
+def _stub(skeleton: Skeleton, index: int) -> Any:
+    from sparsegpt.models import Block
+
+    return Block(skeleton.block_name(index), skeleton.blocks[index], [])
+
+
+def _finish_block(
+    skeleton: Skeleton,
+    work: Path,
+    state: dict[str, Any],
+    index: int,
+    records: list[LayerRecord],
+    hidden: Activations | None,
+) -> None:
+    """Write block ``index`` out, free it, and record the progress (the progress file last)."""
+    total = len(skeleton.blocks) + 1
+    save_durably(skeleton.block_tensors(index), work / _shard_name(index, total))
+    skeleton.release_block(index)
+    state["records"].append(_save_records(work, index, records))
+    previous = state["activations"]
+    if hidden is not None:
+        state["activations"] = hidden.checkpoint(work)
+    state["done"] = index + 1
+    write_json_atomically(work / PROGRESS_NAME, state)
+    if hidden is not None:
+        hidden.drop_old()
+        if previous is not None and previous != state["activations"]:
+            hidden.forget_checkpoint(work, previous)
+
+
+def _finalize(
+    skeleton: Skeleton, folder: Path, work: Path, layers: list[LayerRecord], config: PruneConfig, seconds: float
+) -> dict[str, Any]:
+    """The last shard, the index, side files, grids and report; progress files removed."""
+    blocks = len(skeleton.blocks)
+    total = blocks + 1
+    others = skeleton.other_tensors()
+    save_durably(others, work / _shard_name(blocks, total))
+    weight_map: dict[str, str] = {}
+    size = 0
+    for index in range(total):
+        name = _shard_name(index, total)
+        with WeightSource._open(work / name) as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle)
+                weight_map[key] = name
+                size += math.prod(handle.get_slice(key).get_shape()) * _itemsize(handle.get_slice(key).get_dtype())
+    write_json_atomically(work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
+    _copy_side_files(folder, work)
+    compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
+    total_weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in layers)
+    report = {
+        "method": config.method,
+        "pattern": str(config.pattern) if config.pattern else None,
+        "sparsity": zeros / total_weights if total_weights else 0.0,
+        "target_sparsity": config.target_sparsity,
+        "prune_seconds": seconds,
+        "model": str(folder),
+        "streamed": True,
+        "layers": [layer.to_dict() for layer in layers],
+        "config": config.to_dict(),
+    }
+    write_json_atomically(work / REPORT_NAME, report)
+    for path in list(work.iterdir()):
+        if path.name == PROGRESS_NAME or path.name.startswith(("activations-", "grids-")):
+            path.unlink()
+    return report
+
+
+def _itemsize(dtype: str) -> int:
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    return sizes.get(dtype, 1)
+
+
+@torch.no_grad()
+def perplexity_streamed(
+    folder: Path,
+    windows: torch.Tensor,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | None = None,
+    offload_dir: Path | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> float:
+    """Perplexity of the model in ``folder`` on ``windows``, holding one decoder block at a time."""
+    device = device or torch.device("cpu")
+    with ExitStack() as stack:
+        skeleton = open_skeleton(folder, dtype, device, stack)
+        batches = list(windows.to(device).split(batch_size))
+        total = len(skeleton.blocks)
+        template: list[Any] = []
+        first = skeleton.load_block(0)
+        entering, calls = capture_block_inputs(
+            skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches, template
+        )
+        if offload_dir is not None:
+            offload_dir.mkdir(parents=True, exist_ok=True)
+        hidden = Activations(len(batches), device, offload_dir)
+        hidden.fill(entering)
+        del entering
+        for index in tqdm(range(total), desc="perplexity (streamed)", disable=not progress):
+            block = first if index == 0 else skeleton.load_block(index)
+            advance_block(block, hidden, calls[index])
+            hidden.commit()
+            hidden.drop_old()
+            skeleton.release_block(index)
+        sums = []
+        for batch, final in zip(batches, hidden):
+            logits = logits_after_blocks(skeleton.model, list(skeleton.blocks), batch, final, template[0])
+            sums.extend(nll_of_logits(logits, batch))
+        hidden.drop_old()
+        if offload_dir is not None:
+            for batch in range(len(batches)):
+                hidden._path(hidden.generation, batch).unlink(missing_ok=True)
+    return perplexity_of(torch.cat(sums), windows)
+
+
+def _itemsize_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+PROCESS_BASELINE = 600 * 2**20
+"""Resident memory of a process that has imported torch and transformers (measured: 0.5-0.6 GiB)."""
+
+
+def plan(
+    folder: Path,
+    config: PruneConfig,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | None = None,
+    offload_dir: Path | None = None,
+) -> dict[str, Any]:
+    """What a streamed prune of ``folder`` would hold, without reading any weight: blocks, layers,
+    Hessians, activations, and the expected peak memory on each device (estimates, upper bounds where
+    the sharing of inputs is not known before running)."""
+    device = device or torch.device("cpu")
+    with ExitStack() as stack:
+        skeleton = open_skeleton(folder, dtype, device, stack, load=False)
+        size = _itemsize_of(skeleton.dtype)
+        config_hidden = getattr(skeleton.model.config, "hidden_size", None)
+        blocks = []
+        for index, module in enumerate(skeleton.blocks):
+            weights = find_weights(module, skeleton.block_name(index))
+            chosen = [(w, config.sparsity_for(w.name)) for w in weights]
+            shapes = [tuple(w.matrix().shape) for w, sparsity in chosen if sparsity is not None]
+            blocks.append(
+                {
+                    "name": skeleton.block_name(index),
+                    "bytes": sum(p.numel() for p in module.parameters()) * size,
+                    "layers": len(shapes),
+                    "hessian_bytes": sum(cols * cols * 4 for _, cols in shapes) if config.needs_hessian else 0,
+                    "largest_layer": max(shapes, key=lambda shape: shape[0] * shape[1]) if shapes else None,
+                    "widest_output": max((rows for rows, _ in shapes), default=0),
+                }
+            )
+        others = (
+            sum(
+                p.numel()
+                for name, p in skeleton.model.named_parameters()
+                if not name.startswith(f"{skeleton.list_name}.")
+            )
+            * size
+        )
+        weights_on_disk = skeleton.source.nbytes()
+    hidden = config_hidden or 0
+    tokens = config.nsamples * config.seqlen if config.needs_calibration else 0
+    activations = 2 * tokens * hidden * size  # the states entering a block and those leaving it
+    batch_tokens = min(config.batch_size, config.nsamples) * config.seqlen if config.needs_calibration else 0
+    biggest = max(blocks, key=lambda block: block["bytes"] + block["hessian_bytes"])
+    rows, cols = biggest["largest_layer"] or (0, 0)
+    solver = 3 * rows * cols * 4 + (2 * cols * cols * 4 if config.method == "sparsegpt" else 0)
+    forward = 4 * batch_tokens * max(block["widest_output"] for block in blocks) * 4
+    block_peak = biggest["bytes"] + biggest["hessian_bytes"] + solver + forward
+    spilled = offload_dir is not None
+    resident_activations = 2 * batch_tokens * hidden * size if spilled else activations
+    if device.type == "cpu":
+        peaks = {"cpu": PROCESS_BASELINE + others + block_peak + resident_activations}
+    else:
+        peaks = {
+            str(device): others + block_peak + 2 * batch_tokens * hidden * size,
+            "cpu": PROCESS_BASELINE + resident_activations,
+        }
+    return {
+        "model": str(folder),
+        "weights_on_disk": weights_on_disk,
+        "dtype": str(skeleton.dtype),
+        "blocks": len(blocks),
+        "block_bytes": biggest["bytes"],
+        "layers_per_block": biggest["layers"],
+        "hessian_bytes_per_block": biggest["hessian_bytes"],
+        "outside_blocks_bytes": others,
+        "calibration_tokens": tokens,
+        "activation_bytes": activations,
+        "activations_on": "disk" if spilled else "cpu",
+        "peak_bytes": peaks,
+        "available_bytes": {name: _available_memory(torch.device(name)) for name in peaks},
+    }
+
+
+def check_plan(summary: dict[str, Any]) -> None:
+    """Refuse a plan whose expected peak exceeds what a device has free."""
+    for name, peak in summary["peak_bytes"].items():
+        available = summary["available_bytes"].get(name)
+        if available is not None and peak > available:
+            hint = "" if summary["activations_on"] == "disk" else "; --offload-dir keeps activations on disk"
+            raise SparseGPTError(
+                f"the plan needs about {peak / 2**30:.1f} GiB on {name} and {available / 2**30:.1f} GiB are "
+                f"free (fewer --nsamples or a smaller --batch-size need less{hint})"
+            )
