@@ -335,6 +335,15 @@ class Activations:
             for batch in range(self.count):
                 self._path(self.generation - 1, batch).unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Forget every state (deletes spilled files)."""
+        if self.folder is not None:
+            for generation in (self.generation - 1, self.generation, self.generation + 1):
+                for batch in range(self.count):
+                    self._path(generation, batch).unlink(missing_ok=True)
+        self._memory = [None] * self.count
+        self._next = [None] * self.count
+
     def checkpoint(self, folder: Path) -> dict[str, Any]:
         """Make the current generation durable; returns what ``restore`` needs."""
         if self.folder is not None:

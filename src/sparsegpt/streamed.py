@@ -227,6 +227,8 @@ def _calibrated(
     entering, calls = capture_block_inputs(
         skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches
     )
+    if state["done"] == total:  # killed while finishing: only the last files are missing
+        return []
     if state["done"] == 0:
         if offload_dir is not None:
             offload_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,7 @@ def _calibrated(
             hidden.commit()
         _finish_block(skeleton, work, state, index, records, hidden if advance else None)
         layers.extend(records)
+    hidden.clear()
     return layers
 
 
@@ -361,10 +364,7 @@ def perplexity_streamed(
         for batch, final in zip(batches, hidden):
             logits = logits_after_blocks(skeleton.model, list(skeleton.blocks), batch, final, template[0])
             sums.extend(nll_of_logits(logits, batch))
-        hidden.drop_old()
-        if offload_dir is not None:
-            for batch in range(len(batches)):
-                hidden._path(hidden.generation, batch).unlink(missing_ok=True)
+        hidden.clear()
     return perplexity_of(torch.cat(sums), windows)
 
 
