@@ -309,9 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    from sparsegpt.runtime import keep_freed_memory
+    from sparsegpt.runtime import keep_freed_memory, return_freed_memory
 
-    keep_freed_memory()
+    # a streamed run is about peak memory: freed memory goes back to the system there
+    if any(getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run")):
+        return_freed_memory()
+    else:
+        keep_freed_memory()
     try:
         _run(args)
     except SparseGPTError as error:

@@ -229,13 +229,18 @@ class LinearInputObserver(TorchFunctionMode):
         self._seen.append((inputs, statistics))
 
 
-def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: InputStatistics | None) -> LayerRecord:
+def _solve(
+    weight: LinearWeight, sparsity: float, config: PruneConfig, stats: InputStatistics | None, last: bool = False
+) -> LayerRecord:
+    """Prune one weight in place; ``last``: no other weight reads ``stats`` (its memory may be reused)."""
     started = time.perf_counter()
     compute = torch.float64 if weight.parameter.dtype == torch.float64 else torch.float32
-    original = weight.matrix().detach().to(compute, copy=True)
+    original = weight.matrix().detach().to(compute)  # not a copy when already in compute precision
     note = None
     reached = stats is not None and stats.tokens > 0
-    hessian = stats.hessian() if stats is not None and reached and stats.full else None
+    hessian = None
+    if stats is not None and reached and stats.full:
+        hessian = stats.take_hessian() if last else stats.hessian()
     pattern = config.pattern
     if config.method == "magnitude" or not reached:
         if config.method != "magnitude":
@@ -261,15 +266,18 @@ def _solve(weight: LinearWeight, sparsity: float, config: PruneConfig, stats: In
         if result.dead_inputs:
             dead = f"{result.dead_inputs} inputs never fired in calibration"
             note = f"{note}; {dead}" if note else dead
+    error = relative_output_error(original, result.weight, hessian) if hessian is not None else None
+    solved_with_hessian = hessian is not None
+    del original, hessian
     weight.write(result.weight)
     pruned = weight.matrix()
     return LayerRecord(
         name=weight.name,
         shape=list(pruned.shape),
         sparsity=float((pruned == 0).sum()) / pruned.numel(),
-        error=relative_output_error(original, result.weight, hessian) if hessian is not None else None,
+        error=error,
         seconds=time.perf_counter() - started,
-        damp=result.damp if config.method == "sparsegpt" and hessian is not None else None,
+        damp=result.damp if config.method == "sparsegpt" and solved_with_hessian else None,
         note=note,
         scales=result.scales,
         zeros=result.zeros,
@@ -369,8 +377,13 @@ def prune_block(
     then (with ``advance``) replace ``hidden`` by the pruned block's outputs."""
     weights = [weight for weight, _ in chosen]
     statistics = observe_block(block, weights, hidden, calls, device, config.needs_hessian) if calls else {}
-    records = [_solve(weight, sparsity, config, statistics.get(weight.name)) for weight, sparsity in chosen]
-    del statistics
+    records = []
+    for weight, sparsity in chosen:
+        # popped, so that statistics no later weight reads are given up to the solve and then freed
+        stats = statistics.pop(weight.name, None)
+        last = stats is not None and all(other is not stats for other in statistics.values())
+        records.append(_solve(weight, sparsity, config, stats, last))
+        del stats
     if advance:
         advance_block(block, hidden, calls)
     return records

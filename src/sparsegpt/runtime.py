@@ -25,9 +25,29 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
 _NEVER_TRIM = 2**31 - 1
 
 
+def return_freed_memory() -> bool:
+    """The opposite trade, for runs that are about peak memory (streaming): every allocation of 1 MiB or
+    more gets pages of its own, handed back to the system the moment it is freed, and the heap is
+    trimmed eagerly. glibc's default raises its threshold after the first large free, after which freed
+    tensors linger in a heap that fragments: measured 1.44-1.66 GiB peaks for a run this setting holds
+    lower (docs/BENCHMARKS.md). Returns False (and does nothing) where the C library is not glibc."""
+    return _mallopt(((_M_MMAP_THRESHOLD, 1 << 20), (_M_TRIM_THRESHOLD, 1 << 20), (_M_TOP_PAD, 0)))
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed blocks up to 32 MiB in the heap, never trim it, and serve all threads from
     one arena. Returns False (and does nothing) where the C library is not glibc."""
+    return _mallopt(
+        (
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
+            (_M_TRIM_THRESHOLD, _NEVER_TRIM),
+            (_M_TOP_PAD, 256 << 20),
+            (_M_ARENA_MAX, 1),
+        )
+    )
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -36,10 +56,4 @@ def keep_freed_memory() -> bool:
         log.debug("no mallopt in the C library; allocator left as it is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    settings = (
-        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
-        (_M_TRIM_THRESHOLD, _NEVER_TRIM),
-        (_M_TOP_PAD, 256 << 20),
-        (_M_ARENA_MAX, 1),
-    )
     return all(mallopt(option, value) == 1 for option, value in settings)

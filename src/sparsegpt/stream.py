@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,84 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The data offset and the tensor entries of a safetensors file, checked against its size."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES.get(entry["dtype"])
+        count = math.prod(entry["shape"])
+        if dtype is None or end - begin != count * _itemsize(dtype) or 8 + length + end > size:
+            raise SparseGPTError(f"{path.name}: tensor {name} is truncated or malformed")
+    return 8 + length, header
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written tensor by tensor (no serialized copy of the whole file in memory)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            handle.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read (not mapped)."""
+    start, header = read_header(path)
+    tensors = {}
+    with path.open("rb") as handle:
+        for name, entry in header.items():
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            handle.seek(start + entry["data_offsets"][0])
+            handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            tensors[name] = tensor
+    return tensors
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class WeightSource:
     """The tensors of a transformers folder's safetensors files (one file, or shards with an index),
-    read one at a time; files stay open (memory-mapped) while the source is entered."""
+    read one at a time with plain file reads (a memory-mapped file would count as resident memory)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -43,36 +119,17 @@ class WeightSource:
                 raise SparseGPTError(f"{index}: unreadable shard index ({error})") from None
             self.files = {name: folder / file for name, file in weight_map.items()}
         elif (folder / SINGLE_NAME).is_file():
-            self.files = {}
-            with self._open(folder / SINGLE_NAME) as handle:
-                self.files = dict.fromkeys(handle.keys(), folder / SINGLE_NAME)  # noqa: SIM118 (a handle)
+            self.files = dict.fromkeys(read_header(folder / SINGLE_NAME)[1], folder / SINGLE_NAME)
         else:
             raise SparseGPTError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}: streaming needs safetensors weights")
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._keys: dict[str, str] = {}
 
     def __enter__(self) -> WeightSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-        self._handles.clear()
-
-    @staticmethod
-    @contextmanager
-    def _open(path: Path) -> Iterator[Any]:
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise SparseGPTError(f"{path.name}, named in the shard index, is missing")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                yield handle
-        except SparseGPTError:
-            raise
-        except Exception as error:  # safetensors' own error types for truncated or corrupted files
-            raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
+        self._headers.clear()
 
     def attach(self, model: nn.Module) -> None:
         """Name tensors as ``model`` does: transformers renames some checkpoint keys when it loads them
@@ -107,17 +164,28 @@ class WeightSource:
         return self.key(name) in self.files
 
     def read(self, name: str) -> torch.Tensor:
-        """The model's tensor ``name``, copied out of its file."""
+        """The model's tensor ``name``, read from its file."""
         name = self.key(name)
         path = self.files.get(name)
         if path is None:
             raise SparseGPTError(f"{self.folder}: the weights lack tensor {name}")
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(self._open(path))
-        try:
-            return self._handles[path].get_tensor(name)
-        except Exception as error:
-            raise SparseGPTError(f"{path.name}: cannot read {name} ({error})") from None
+        if not path.is_file():
+            raise SparseGPTError(f"{path.name}, named in the shard index, is missing")
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        start, header = self._headers[path]
+        entry = header.get(name)
+        if entry is None:
+            raise SparseGPTError(f"{path.name}: the index places {name} here, but the file lacks it")
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        with path.open("rb") as handle:
+            handle.seek(start + entry["data_offsets"][0])
+            if (
+                handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                != entry["data_offsets"][1] - entry["data_offsets"][0]
+            ):
+                raise SparseGPTError(f"{path.name}: tensor {name} is truncated")
+        return tensor
 
     def nbytes(self) -> int:
         """Total size of the weight files."""
@@ -307,9 +375,7 @@ class Activations:
             tensor = self._memory[batch]
             assert tensor is not None
             return tensor.to(self.device)
-        from safetensors.torch import load_file
-
-        return load_file(str(self._path(self.generation, batch)))["hidden"].to(self.device)
+        return load_safetensors(self._path(self.generation, batch))["hidden"].to(self.device)
 
     def __setitem__(self, batch: int, tensor: torch.Tensor) -> None:
         if self.folder is None:
@@ -368,20 +434,16 @@ class Activations:
             if missing:
                 raise SparseGPTError(f"cannot resume: spilled activations are missing from {store.folder}")
             return store
-        from safetensors.torch import load_file
-
         store = cls(count, device, None, int(saved["generation"]))
-        tensors = load_file(str(folder / saved["file"]))
+        tensors = load_safetensors(folder / saved["file"])
         store._memory = [tensors[f"{batch}"] for batch in range(count)]
         return store
 
 
 def save_durably(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file through a temporary name, flushed to disk before it takes its name."""
-    from safetensors.torch import save_file
-
     temporary = path.with_name(f".{path.name}.tmp")
-    save_file({key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}, str(temporary))
+    write_safetensors(tensors, temporary)
     _fsync(temporary)
     os.replace(temporary, path)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from contextlib import ExitStack
@@ -29,7 +28,7 @@ from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import nll_of_logits, perplexity_of
 from sparsegpt.io import REPORT_NAME, check_output_folder, publish_folder, write_json_atomically
-from sparsegpt.models import find_weights
+from sparsegpt.models import Block, find_weights
 from sparsegpt.pipeline import (
     LayerRecord,
     advance_block,
@@ -38,7 +37,15 @@ from sparsegpt.pipeline import (
     logits_after_blocks,
     prune_block,
 )
-from sparsegpt.stream import INDEX_NAME, Activations, Skeleton, WeightSource, open_skeleton, save_durably
+from sparsegpt.stream import (
+    INDEX_NAME,
+    Activations,
+    Skeleton,
+    load_safetensors,
+    open_skeleton,
+    read_header,
+    save_durably,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +107,7 @@ def _save_records(folder: Path, index: int, records: list[LayerRecord]) -> list[
 def _load_records(folder: Path, index: int, saved: list[dict[str, Any]]) -> list[LayerRecord]:
     grids: dict[str, torch.Tensor] = {}
     if (folder / _grids_name(index)).is_file():
-        from safetensors.torch import load_file
-
-        grids = load_file(str(folder / _grids_name(index)))
+        grids = load_safetensors(folder / _grids_name(index))
     return [
         LayerRecord(**item, scales=grids.get(f"{item['name']}::scales"), zeros=grids.get(f"{item['name']}::zeros"))
         for item in saved
@@ -179,6 +184,7 @@ def prune_streamed(
             for index in tqdm(range(state["done"], total), desc="pruning blocks", disable=not progress):
                 block = skeleton.load_block(index)
                 records = prune_block(block, chosen_weights(block, config), [], [], device, config, False)
+                del block
                 _finish_block(skeleton, work, state, index, records, None)
                 layers.extend(records)
         if not layers:
@@ -210,6 +216,7 @@ def _start(work: Path, fingerprint: dict[str, Any], resume: bool, overwrite: boo
     return {"fingerprint": fingerprint, "done": 0, "records": [], "activations": None}
 
 
+@torch.no_grad()
 def _calibrated(
     skeleton: Skeleton,
     work: Path,
@@ -228,6 +235,7 @@ def _calibrated(
         skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches
     )
     if state["done"] == total:  # killed while finishing: only the last files are missing
+        skeleton.release_block(0)
         return []
     if state["done"] == 0:
         if offload_dir is not None:
@@ -238,24 +246,25 @@ def _calibrated(
         skeleton.release_block(0)
         hidden = Activations.restore(state["activations"], len(batches), device, work)
     del entering
+    block: Block | None = first if state["done"] == 0 else None
+    del first
     layers = []
     for index in tqdm(
         range(state["done"], total), initial=state["done"], total=total, desc="pruning blocks", disable=not progress
     ):
-        block = first if index == 0 and state["done"] == 0 else skeleton.load_block(index)
+        block = block or skeleton.load_block(index)
         advance = index < total - 1
         records = prune_block(block, chosen_weights(block, config), hidden, calls[index], device, config, advance)
         if advance:
             hidden.commit()
+        block = None  # no holder of the block's tensors may be left when it is released
         _finish_block(skeleton, work, state, index, records, hidden if advance else None)
         layers.extend(records)
     hidden.clear()
     return layers
 
 
-def _stub(skeleton: Skeleton, index: int) -> Any:
-    from sparsegpt.models import Block
-
+def _stub(skeleton: Skeleton, index: int) -> Block:
     return Block(skeleton.block_name(index), skeleton.blocks[index], [])
 
 
@@ -295,10 +304,10 @@ def _finalize(
     size = 0
     for index in range(total):
         name = _shard_name(index, total)
-        with WeightSource._open(work / name) as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle)
-                weight_map[key] = name
-                size += math.prod(handle.get_slice(key).get_shape()) * _itemsize(handle.get_slice(key).get_dtype())
+        start, header = read_header(work / name)
+        for key, entry in header.items():
+            weight_map[key] = name
+            size += entry["data_offsets"][1] - entry["data_offsets"][0]
     write_json_atomically(work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
     _copy_side_files(folder, work)
     compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
@@ -354,9 +363,12 @@ def perplexity_streamed(
         hidden = Activations(len(batches), device, offload_dir)
         hidden.fill(entering)
         del entering
+        block: Block | None = first
+        del first
         for index in tqdm(range(total), desc="perplexity (streamed)", disable=not progress):
-            block = first if index == 0 else skeleton.load_block(index)
+            block = block or skeleton.load_block(index)
             advance_block(block, hidden, calls[index])
+            block = None
             hidden.commit()
             hidden.drop_old()
             skeleton.release_block(index)

@@ -49,6 +49,14 @@ class InputStatistics:
             raise ValueError("these statistics hold only column norms (full=False), not the Hessian")
         return self.gram * (2.0 / max(self.tokens, 1))
 
+    def take_hessian(self) -> torch.Tensor:
+        """``hessian()`` computed in place of the Gram matrix, which these statistics give up (the last
+        reader saves a (width, width) copy)."""
+        if self.gram is None:
+            raise ValueError("these statistics hold no Gram matrix (full=False, or already taken)")
+        gram, self.gram = self.gram, None
+        return gram.mul_(2.0 / max(self.tokens, 1))
+
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ for every input column j, shape (width,)."""
         squares = self.gram.diagonal() if self.gram is not None else self.squares

@@ -94,13 +94,20 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
     """
     if not torch.isfinite(hessian).all():
         raise SparseGPTError("the Hessian has NaN or Inf entries (non-finite layer inputs)")
-    mean_diagonal = hessian.diagonal().mean()
-    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    diagonal = hessian.diagonal().clone()
+    mean_diagonal = diagonal.mean()
     for step in range(DAMPING_STEPS + 1):
-        damped = hessian + (damp * mean_diagonal) * identity
-        lower, info = torch.linalg.cholesky_ex(damped)
+        # H + λI is formed in place (only the diagonal changes, and it is restored), and each
+        # temporary is dropped once the next exists: (cols, cols) matrices are the largest memory cost
+        # of pruning a wide layer
+        hessian.diagonal().copy_(diagonal + damp * mean_diagonal)
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        hessian.diagonal().copy_(diagonal)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, damp
         if step < DAMPING_STEPS:
