@@ -15,6 +15,7 @@ from torch import nn
 
 from sparsegpt import compact, data
 from sparsegpt.config import PruneConfig
+from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
@@ -198,12 +199,12 @@ def _prepare(
     return _Prepared(network, tokenizer, source, calib_text.name if calib_text else None, windows, scored)
 
 
-def _prune(prepared: _Prepared, config: PruneConfig, progress: bool) -> PruneResult:
+def _prune(prepared: _Prepared, config: PruneConfig, progress: bool, ranks: Ranks | None = None) -> PruneResult:
     if prepared.calibration is not None:
         config = replace(config, seqlen=prepared.calibration.shape[1])
     calibration = prepared.calibration if config.needs_calibration else None
     started = time.perf_counter()
-    layers = prune_model(prepared.model, config, calibration, progress=progress)
+    layers = prune_model(prepared.model, config, calibration, progress=progress, ranks=ranks)
     return PruneResult(
         prepared.model,
         prepared.tokenizer,
@@ -222,15 +223,17 @@ def prune(
     evaluations: list[Evaluation] | None = None,
     dtype: str = "auto",
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> PruneResult:
     """Prune a model (a spec for ``load_model``, or a (model, tokenizer) pair pruned in place).
 
     Sources are read and checked before the model is touched; perplexities of ``evaluations`` are
-    measured after pruning and kept in ``result.ppl``.
+    measured after pruning and kept in ``result.ppl``. ``ranks``: this process's place in a multi-process
+    run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same model.
     """
     config = config or PruneConfig()
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
-    result = _prune(prepared, config, progress)
+    result = _prune(prepared, config, progress, ranks)
     for name, windows in prepared.evaluations:
         result.ppl[name] = perplexity(prepared.model, windows, progress=progress)
     return result

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsegpt.config import METHODS, PruneConfig, parse_override
+from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
 from sparsegpt.stream import resolve_device
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _add_stream_options(prune)
+    prune.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run K processes (torchrun; gloo on CPU, NCCL on CUDA): calibration batches and layer solves divided",
+    )
     prune.add_argument(
         "--resume",
         action="store_true",
@@ -219,13 +227,23 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{name}: perplexity {value:.3f} ({source})")
         return
     evaluations = [sparsegpt.Evaluation(source, args.seqlen, args.eval_windows) for source in args.eval]
-    if args.command == "prune" and (args.stream or args.offload_dir or args.resume or args.dry_run):
+    streamed = args.command == "prune" and (args.stream or args.offload_dir or args.resume or args.dry_run)
+    ranks = Ranks.from_environment(resolve_device(args.device)) if args.command == "prune" else None
+    if streamed and (ranks is not None or args.processes > 1):
+        raise SparseGPTError("--stream runs in one process; several processes prune a model held in memory")
+    if streamed:
         _prune_streamed(args, evaluations, progress)
+        return
+    if args.command == "prune" and args.processes > 1 and ranks is None:
+        _launch(args.processes, args.argv)
         return
     if args.command == "prune":
         config = _config(args, args.method)
         io.check_output_folder(args.output, args.overwrite)
-        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress)
+        if ranks is not None and not ranks.leader:  # followers prune their share; the leader saves and reports
+            sparsegpt.prune(args.model, config, args.calib, [], args.dtype, False, ranks)
+            return
+        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress, ranks)
         result.save(args.output, args.overwrite, compact_format=args.format == "compact")
         if args.report:
             io.write_json_atomically(args.report, result.report())
@@ -245,6 +263,24 @@ def _run(args: argparse.Namespace) -> None:
         f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
     )
     print(_comparison_table(comparison))
+
+
+def _launch(processes: int, argv: list[str]) -> None:
+    """Run this same command under torchrun with ``processes`` processes; its exit status becomes ours."""
+    import subprocess
+
+    argv = list(argv)
+    for index, item in enumerate(argv):
+        if item == "--processes":
+            del argv[index : index + 2]
+            break
+        if item.startswith("--processes="):
+            del argv[index]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    code = subprocess.call([*command, "-m", "sparsegpt", *argv])
+    if code:
+        raise SystemExit(code)
 
 
 def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: bool) -> None:
@@ -301,6 +337,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub", "accelerate"):
@@ -318,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     try:
         _run(args)
+        finish()
     except SparseGPTError as error:
         print(f"sparsegpt: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.config import PruneConfig
+from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
 from sparsegpt.solver import (
@@ -338,11 +339,17 @@ def advance_block(block: Block, hidden: list[torch.Tensor], calls: list[BlockCal
 
 @torch.no_grad()
 def prune_model(
-    model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None, progress: bool = False
+    model: nn.Module,
+    config: PruneConfig,
+    calibration: torch.Tensor | None = None,
+    progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> list[LayerRecord]:
     """Prune ``model`` in place, block by block; ``calibration`` holds token windows (nsamples, seqlen).
 
-    Returns one record per pruned weight. Magnitude pruning needs no calibration.
+    Returns one record per pruned weight. Magnitude pruning needs no calibration. With ``ranks`` (see
+    ``sparsegpt.distributed``) every process calls this with the same model and windows and works on its
+    share; all end with the same pruned model.
     """
     model.eval()
     check_finite_weights(model)
@@ -350,17 +357,20 @@ def prune_model(
     plan = _selected(find_blocks(model), config)
     records: list[LayerRecord] = []
     if not config.needs_calibration:
-        for _, chosen in tqdm(plan, desc="pruning blocks", disable=not progress):
-            records.extend(_solve(weight, sparsity, config, None) for weight, sparsity in chosen)
+        for block, chosen in tqdm(plan, desc="pruning blocks", disable=not progress):
+            records.extend(prune_block(block, chosen, [], [], torch.device("cpu"), config, False, ranks))
         return records
     if calibration is None:
         raise SparseGPTError(f"{config.method} needs calibration data")
     device = next(model.parameters()).device
     batches = list(calibration.to(device).split(config.batch_size))
+    if ranks is not None:
+        batches = ranks.share(batches)
     hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
     for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
         # the last block's outputs feed nothing that is pruned
-        records.extend(prune_block(block, chosen, hidden, calls[index], device, config, index < len(plan) - 1))
+        advance = index < len(plan) - 1
+        records.extend(prune_block(block, chosen, hidden, calls[index], device, config, advance, ranks))
     return records
 
 
@@ -372,18 +382,33 @@ def prune_block(
     device: torch.device,
     config: PruneConfig,
     advance: bool,
+    ranks: Ranks | None = None,
 ) -> list[LayerRecord]:
     """One step of the sweep: observe ``block``'s inputs over every batch, prune its ``chosen`` weights,
-    then (with ``advance``) replace ``hidden`` by the pruned block's outputs."""
+    then (with ``advance``) replace ``hidden`` by the pruned block's outputs. With ``ranks``, the batches
+    are this process's share: statistics are summed over processes and the solves divided among them."""
     weights = [weight for weight, _ in chosen]
     statistics = observe_block(block, weights, hidden, calls, device, config.needs_hessian) if calls else {}
-    records = []
-    for weight, sparsity in chosen:
+    if ranks is not None and calls:
+        ranks.check_statistics_names(list(statistics))
+        ranks.sum_statistics(statistics)
+    solved: dict[int, LayerRecord] = {}
+    for position, (weight, sparsity) in enumerate(chosen):
         # popped, so that statistics no later weight reads are given up to the solve and then freed
         stats = statistics.pop(weight.name, None)
         last = stats is not None and all(other is not stats for other in statistics.values())
-        records.append(_solve(weight, sparsity, config, stats, last))
+        if ranks is None or ranks.owner(position) == ranks.rank:
+            solved[position] = _solve(weight, sparsity, config, stats, last)
         del stats
+    records = []
+    for position, (weight, _) in enumerate(chosen):
+        if ranks is not None:  # every process solved its share; now each weight comes from its solver
+            owner = ranks.owner(position)
+            solved[position] = ranks.broadcast_object(solved.get(position), owner)
+            weight_now = ranks.broadcast_tensor(weight.matrix(), owner)
+            if owner != ranks.rank:
+                weight.write(weight_now)
+        records.append(solved[position])
     if advance:
         advance_block(block, hidden, calls)
     return records
