@@ -224,6 +224,7 @@ def prune(
     dtype: str = "auto",
     progress: bool = False,
     ranks: Ranks | None = None,
+    device: str = "cpu",
 ) -> PruneResult:
     """Prune a model (a spec for ``load_model``, or a (model, tokenizer) pair pruned in place).
 
@@ -231,8 +232,11 @@ def prune(
     measured after pruning and kept in ``result.ppl``. ``ranks``: this process's place in a multi-process
     run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same model.
     """
+    from sparsegpt.stream import resolve_device
+
     config = config or PruneConfig()
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
+    prepared.model.to(resolve_device(device))
     result = _prune(prepared, config, progress, ranks)
     for name, windows in prepared.evaluations:
         result.ppl[name] = perplexity(prepared.model, windows, progress=progress)

@@ -241,9 +241,9 @@ def _run(args: argparse.Namespace) -> None:
         config = _config(args, args.method)
         io.check_output_folder(args.output, args.overwrite)
         if ranks is not None and not ranks.leader:  # followers prune their share; the leader saves and reports
-            sparsegpt.prune(args.model, config, args.calib, [], args.dtype, False, ranks)
+            sparsegpt.prune(args.model, config, args.calib, [], args.dtype, False, ranks, args.device)
             return
-        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress, ranks)
+        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress, ranks, args.device)
         result.save(args.output, args.overwrite, compact_format=args.format == "compact")
         if args.report:
             io.write_json_atomically(args.report, result.report())

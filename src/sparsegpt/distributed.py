@@ -39,9 +39,11 @@ class Ranks:
             return None
         import torch.distributed as dist
 
+        cuda = device is not None and device.type == "cuda"
+        if cuda:  # one GPU per process: "cuda" then means this process's own
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
+            dist.init_process_group("nccl" if cuda else "gloo")
         return Ranks(dist.get_rank(), dist.get_world_size())
 
     @property

@@ -211,6 +211,9 @@ class Skeleton:
         name = self.block_name(index)
         module = self.blocks[index]
         _materialize(module, name, self.source, self.dtype, self.device)
+        missing = [key for key, param in module.named_parameters() if param.device.type == "meta"]
+        if missing:
+            raise SparseGPTError(f"{self.source.folder}: the weights lack tensor {name}.{missing[0]}")
         return Block(name, module, find_weights(module, name))
 
     def release_block(self, index: int) -> None:
@@ -250,7 +253,7 @@ def _materialize(
                 continue
             name = ".".join(part for part in (prefix, path, key) if part)
             if name not in source:
-                continue  # a tied parameter, filled by tie_weights; checked by the caller
+                continue  # tied to a parameter loaded elsewhere, or missing: the caller checks
             tensor = source.read(name)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise SparseGPTError(
