@@ -5,28 +5,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from sparsegpt import load_pretrained
 from sparsegpt.cli import main
 
-from tiny import tiny_config, tiny_tokenizer
+from tiny import llama_folder
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 80
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("distributed")
-    config = tiny_config("llama")
-    config.num_hidden_layers = 3
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    return root
+    return llama_folder(tmp_path_factory.mktemp("distributed"), layers=3, text=TEXT)
 
 
 def _prune(root, out, *extra):

@@ -21,7 +21,7 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.streamed import PROGRESS_NAME, partial_folder, perplexity_streamed, plan, prune_streamed
 
-from tiny import VOCAB, tiny_config, tiny_model, tiny_tokenizer
+from tiny import VOCAB, llama_folder, tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 80
 
@@ -149,16 +149,7 @@ def test_a_compact_or_converted_checkpoint_is_refused_with_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def deep_folder(tmp_path_factory):
     """Eight blocks slow enough (a few tenths of a second each) to be killed in the middle of a run."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("deep")
-    config = tiny_config("llama")
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 128, 768, 8
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "calib.txt").write_text(TEXT)
-    return root
+    return llama_folder(tmp_path_factory.mktemp("deep"), layers=8, hidden=128, intermediate=768, text=TEXT)
 
 
 def _command(root, out, *extra):

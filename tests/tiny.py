@@ -105,3 +105,18 @@ def tiny_tokenizer():
     )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+def llama_folder(folder, layers: int, hidden: int = 32, intermediate: int = 64, text: str | None = None):
+    """A tiny Llama of ``layers`` blocks saved with the tiny tokenizer in ``folder``/model; with ``text``,
+    also ``folder``/calib.txt."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = hidden, intermediate, layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    if text is not None:
+        (folder / "calib.txt").write_text(text)
+    return folder

@@ -19,7 +19,7 @@ from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
-from sparsegpt.models import config_context_length, context_length, find_blocks, load_model
+from sparsegpt.models import config_context_length, context_length, find_blocks, load_model, read_config
 from sparsegpt.pipeline import LayerRecord, prune_model
 
 log = logging.getLogger(__name__)
@@ -295,15 +295,6 @@ def _stream_folder(model: str) -> Path:
     return folder
 
 
-def _config_of(folder: Path) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as error:
-        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
-
-
 def plan_streamed(
     model: str,
     config: PruneConfig | None = None,
@@ -318,7 +309,7 @@ def plan_streamed(
 
     config = config or PruneConfig()
     folder = _stream_folder(model)
-    config = replace(config, seqlen=capped_seqlen(_config_of(folder), config.seqlen))
+    config = replace(config, seqlen=capped_seqlen(read_config(folder), config.seqlen))
     return streamed.plan(
         folder,
         config,
@@ -351,7 +342,7 @@ def prune_streamed(
 
     config = config or PruneConfig()
     folder = _stream_folder(model)
-    model_config = _config_of(folder)
+    model_config = read_config(folder)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     offload = Path(offload_dir) if offload_dir else None
@@ -408,7 +399,7 @@ def evaluate_streamed(
     folder = _stream_folder(model)
     text = data.load_text(evaluation.source, data.EVALUATION)
     tokenizer = _tokenizer(str(folder))
-    seqlen = capped_seqlen(_config_of(folder), evaluation.seqlen)
+    seqlen = capped_seqlen(read_config(folder), evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
     value = streamed.perplexity_streamed(
         folder,

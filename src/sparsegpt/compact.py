@@ -615,17 +615,13 @@ def unpack_folder(source: str | Path, target: str | Path, overwrite: bool = Fals
 def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
     """A transformers model from a compact folder, decoded tensor by tensor into a model built without
     initialisation (peak memory: the dense model plus one tensor's parts)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt.models import config_dtype, read_config
 
     manifest = read_manifest(folder)
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as error:
-        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+    config = read_config(folder)
+    dtype = config_dtype(config, dtype)
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = model.state_dict()

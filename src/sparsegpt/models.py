@@ -143,6 +143,26 @@ def config_context_length(config: Any) -> int | None:
     return getattr(text_config, "max_position_embeddings", None) if text_config is not None else None
 
 
+def read_config(folder: Path) -> Any:
+    """The transformers config of a model folder."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
+
+
+def config_dtype(config: Any, dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype``, or for ``auto`` the one the config names (float32 when it names none)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
 def resolve_dtype(name: str) -> torch.dtype | str:
     """``auto`` (the checkpoint's own dtype) or one of float32, bfloat16, float16."""
     if name == "auto":

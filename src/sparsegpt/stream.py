@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.models import Block, find_block_list, find_weights, prefer_eager_experts
+from sparsegpt.models import Block, config_dtype, find_block_list, find_weights, prefer_eager_experts, read_config
 
 log = logging.getLogger(__name__)
 
@@ -297,22 +297,15 @@ def open_skeleton(
     """Build ``folder``'s model without weights and (with ``load``) load everything outside its decoder
     blocks onto ``device``."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from sparsegpt import compact
 
     if compact.is_compact(folder):
         raise SparseGPTError(f"{folder} is a compact folder; streaming reads plain ones (sparsegpt unpack first)")
     source = stack.enter_context(WeightSource(folder))
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as error:
-        raise SparseGPTError(f"cannot read the config of {folder}: {error}") from None
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-    assert isinstance(dtype, torch.dtype)
+    config = read_config(folder)
+    dtype = config_dtype(config, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
