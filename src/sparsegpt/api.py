@@ -20,7 +20,7 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
 from sparsegpt.models import config_context_length, context_length, find_blocks, load_model, read_config
-from sparsegpt.pipeline import LayerRecord, prune_model
+from sparsegpt.pipeline import LayerRecord, overall_sparsity, prune_model
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ class PruneResult:
     @property
     def sparsity(self) -> float:
         """Share of zeros over all pruned weights."""
-        total = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
-        zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in self.layers)
-        return zeros / total if total else 0.0
+        return overall_sparsity(self.layers)
 
     def report(self) -> dict[str, Any]:
         return {

@@ -58,6 +58,13 @@ class LayerRecord:
         return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in ("scales", "zeros")}
 
 
+def overall_sparsity(layers: list[LayerRecord]) -> float:
+    """Share of zeros over all the weights of ``layers``."""
+    total = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in layers)
+    return zeros / total if total else 0.0
+
+
 @dataclass
 class BlockCall:
     """One recorded call of a block, with its hidden-states argument left out."""

@@ -35,6 +35,7 @@ from sparsegpt.pipeline import (
     capture_block_inputs,
     chosen_weights,
     logits_after_blocks,
+    overall_sparsity,
     prune_block,
 )
 from sparsegpt.stream import (
@@ -311,18 +312,19 @@ def _finalize(
     write_json_atomically(work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
     _copy_side_files(folder, work)
     compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
-    total_weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in layers)
+    from sparsegpt.api import versions
+
     report = {
         "method": config.method,
         "pattern": str(config.pattern) if config.pattern else None,
-        "sparsity": zeros / total_weights if total_weights else 0.0,
+        "sparsity": overall_sparsity(layers),
         "target_sparsity": config.target_sparsity,
         "prune_seconds": seconds,
         "model": str(folder),
         "streamed": True,
         "layers": [layer.to_dict() for layer in layers],
         "config": config.to_dict(),
+        "versions": versions(),
     }
     write_json_atomically(work / REPORT_NAME, report)
     for path in list(work.iterdir()):
