@@ -187,7 +187,8 @@ def _comparison_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int | None:
+    """Carry out a parsed command; returns an exit status when it is not 0."""
     import sparsegpt
     from sparsegpt import assets, io
 
@@ -235,8 +236,7 @@ def _run(args: argparse.Namespace) -> None:
         _prune_streamed(args, evaluations, progress)
         return
     if args.command == "prune" and args.processes > 1 and ranks is None:
-        _launch(args.processes, args.argv)
-        return
+        return _launch(args.processes, args.argv)
     if args.command == "prune":
         config = _config(args, args.method)
         io.check_output_folder(args.output, args.overwrite)
@@ -265,8 +265,8 @@ def _run(args: argparse.Namespace) -> None:
     print(_comparison_table(comparison))
 
 
-def _launch(processes: int, argv: list[str]) -> None:
-    """Run this same command under torchrun with ``processes`` processes; its exit status becomes ours."""
+def _launch(processes: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with ``processes`` processes; returns its exit status."""
     import subprocess
 
     argv = list(argv)
@@ -278,9 +278,7 @@ def _launch(processes: int, argv: list[str]) -> None:
             del argv[index]
             break
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    code = subprocess.call([*command, "-m", "sparsegpt", *argv])
-    if code:
-        raise SystemExit(code)
+    return subprocess.call([*command, "-m", "sparsegpt", *argv])
 
 
 def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: bool) -> None:
@@ -354,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         keep_freed_memory()
     try:
-        _run(args)
+        code = _run(args)
         finish()
     except SparseGPTError as error:
         print(f"sparsegpt: error: {error}", file=sys.stderr)
@@ -362,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsegpt: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
