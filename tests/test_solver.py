@@ -91,6 +91,13 @@ def test_hopeless_hessian_raises_instead_of_falling_back():
         inverse_hessian_cholesky(torch.full((3, 3), float("nan")), 0.01)
 
 
+def test_ties_go_by_position_so_every_device_picks_the_same_mask():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 2.0], [1.0, 1.0, 0.5, 1.0]])
+    assert lowest_k(scores, 4).tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert n_of_m(scores, 2, 4).tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert lowest_k(scores, 0).sum() == 0 and lowest_k(scores, 8).all()
+
+
 def test_ties_never_over_prune():
     scores = torch.zeros(4, 8)  # every score tied
     assert int(lowest_k(scores, 13).sum()) == 13

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sparsegpt.config import METHODS, PruneConfig, parse_override
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
@@ -236,6 +238,12 @@ def _run(args: argparse.Namespace) -> int | None:
         _prune_streamed(args, evaluations, progress)
         return
     if args.command == "prune" and args.processes > 1 and ranks is None:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and args.processes > torch.cuda.device_count():
+            raise SparseGPTError(
+                f"--processes {args.processes} on cuda needs {args.processes} GPUs (one per process); "
+                f"torch sees {torch.cuda.device_count()}"
+            )
         return _launch(args.processes, args.argv)
     if args.command == "prune":
         config = _config(args, args.method)

@@ -41,7 +41,13 @@ class Ranks:
 
         cuda = device is not None and device.type == "cuda"
         if cuda:  # one GPU per process: "cuda" then means this process's own
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= visible:
+                raise SparseGPTError(
+                    f"process {local_rank} has no GPU of its own: NCCL needs one GPU per process and torch sees "
+                    f"{visible}; start at most {visible} processes per machine, or use --device cpu"
+                )
+            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
         return Ranks(dist.get_rank(), dist.get_world_size())

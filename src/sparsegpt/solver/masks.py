@@ -30,10 +30,16 @@ def split_count(sparsity: float, sizes: list[int]) -> list[int]:
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of exactly the ``k`` lowest entries of ``scores`` (any shape)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = True
+    """Mask of exactly the ``k`` lowest entries of ``scores`` (any shape); among equal scores the first
+    positions (row-major) go first, on every device (``topk`` breaks ties differently on CPU and CUDA,
+    and quantized checkpoints have many equal weights)."""
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values
+    below = flat < threshold
+    ties = flat == threshold
+    mask = below | (ties & (ties.cumsum(0) <= k - below.sum()))
     return mask.view(scores.shape)
 
 
@@ -57,6 +63,6 @@ def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"{cols} columns do not split into groups of {m}")
     groups = scores.reshape(rows, cols // m, m)
     mask = torch.zeros_like(groups, dtype=torch.bool)
-    if n > 0:
-        mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, True)
+    if n > 0:  # a stable sort: equal scores in a group go by position, on every device
+        mask.scatter_(2, groups.argsort(dim=2, stable=True)[..., :n], True)
     return mask.view(rows, cols)
