@@ -89,6 +89,51 @@ def test_compare_prints_one_table(workspace, capsys, tmp_path):
     assert all(row["method"] in stdout for row in rows)
 
 
+def test_sweep_writes_json_table_and_plot(workspace, capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code, stdout, stderr = run(
+        capsys,
+        "sweep",
+        str(workspace / "model"),
+        "-o",
+        str(out),
+        "--sparsities",
+        "0.5,0.7",
+        "--patterns",
+        "2:4",
+        "--methods",
+        "magnitude,sparsegpt,sparsegpt+owl+refine",
+        "--refine",
+        "5",
+        *calibration(workspace),
+        "--eval",
+        str(workspace / "calib.txt"),
+    )
+    assert code == 0, stderr
+    result = json.loads((out / "sweep.json").read_text())
+    runs = [(row["method"], row.get("level")) for row in result["rows"]]
+    assert runs[0] == ("dense", None) and len(runs) == 1 + 3 * 2 + 2  # OWL has no N:M variant
+    assert result["skipped"] == [
+        {"method": "sparsegpt+owl+refine", "level": "2:4", "reason": result["skipped"][0]["reason"]}
+    ]
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "sweep.md").read_text()
+    assert "| sparsegpt+owl+refine |" in table and "| 0.5 | 0.7 | 2:4 |" in table and table.strip() in stdout
+    row = next(row for row in result["rows"] if row["method"] == "sparsegpt" and row["level"] == "0.7")
+    assert row["sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_sweep_and_compare_refuse_unknown_variants(workspace, capsys, tmp_path):
+    for argv in (
+        ["sweep", str(workspace / "model"), "-o", str(tmp_path / "s"), "--methods", "sparsegpt+magic"],
+        ["compare", str(workspace / "model"), "--methods", "wanda+refine"],
+        ["compare", str(workspace / "model"), "--allocation", "owl"],
+    ):
+        code, _, stderr = run(capsys, *argv, *calibration(workspace))
+        assert code == 2 and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "s").exists()
+
+
 def bad_inputs(root):
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)

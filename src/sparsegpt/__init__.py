@@ -12,6 +12,7 @@ from sparsegpt.api import (  # noqa: E402
     plan_streamed,
     prune,
     prune_streamed,
+    sweep,
 )
 from sparsegpt.compact import pack_folder, unpack_folder  # noqa: E402
 from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
@@ -41,5 +42,6 @@ __all__ = [
     "prune",
     "prune_model",
     "prune_streamed",
+    "sweep",
     "unpack_folder",
 ]

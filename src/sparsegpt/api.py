@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparsegpt import compact, data
-from sparsegpt.config import PruneConfig
+from sparsegpt.config import PruneConfig, level, variant
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
@@ -252,19 +252,69 @@ def compare(
 ) -> dict[str, Any]:
     """Perplexity of the dense model and of each pruning method, side by side, from one loaded model.
 
-    ``methods`` may include ``dense``. Returns {"rows": [{"method", "sparsity", "prune_seconds", "ppl"}], ...}.
+    ``methods`` may include ``dense`` and variants such as ``sparsegpt+owl+refine`` (see
+    ``config.variant``). Returns {"rows": [{"method", "sparsity", "prune_seconds", "ppl"}], ...}.
     """
     config = config or PruneConfig()
-    configs = {method: replace(config, method=method) for method in methods if method != "dense"}
-    needs_calibration = any(method_config.needs_calibration for method_config in configs.values())
-    prepared = _prepare(model, config, calibration, evaluations or [], dtype, needs_calibration)
+    entries = [(method, None, None if method == "dense" else variant(config, method)) for method in methods]
+    return _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress)
+
+
+def sweep(
+    model: str,
+    methods: list[str],
+    levels: list[str],
+    config: PruneConfig | None = None,
+    calibration: str = "sotu:train",
+    evaluations: list[Evaluation] | None = None,
+    dtype: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Perplexity of every method (or variant) at every sparsity level (``0.7`` or ``2:4``), plus dense.
+
+    Combinations that cannot be run (OWL with an N:M pattern, say) are listed under "skipped" with the
+    reason. Returns {"rows": [{"method", "level", "sparsity", "prune_seconds", "ppl"}], "skipped": [...], ...}.
+    """
+    config = config or PruneConfig()
+    entries: list[tuple[str, str | None, PruneConfig | None]] = [("dense", None, None)]
+    skipped = []
+    for method in methods:  # unknown names and impossible combinations are errors, whatever the level
+        variant(replace(config, pattern=None), method)
+    for text in levels:
+        at_level = level(config, text)
+        for method in methods:
+            try:
+                entries.append((method, text, variant(at_level, method)))
+            except SparseGPTError as error:
+                skipped.append({"method": method, "level": text, "reason": str(error)})
+                log.warning("skipping %s at %s: %s", method, text, error)
+    result = _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress)
+    result["skipped"] = skipped
+    return result
+
+
+def _run_entries(
+    model: str,
+    config: PruneConfig,
+    entries: list[tuple[str, str | None, PruneConfig | None]],
+    calibration: str,
+    evaluations: list[Evaluation],
+    dtype: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Load once, then for each (method, level, config) entry prune from the dense weights (None: stay
+    dense) and measure every evaluation."""
+    needs_calibration = any(entry.needs_calibration for _, _, entry in entries if entry is not None)
+    prepared = _prepare(model, config, calibration, evaluations, dtype, needs_calibration)
     dense_state = {name: tensor.clone() for name, tensor in prepared.model.state_dict().items()}
     rows = []
-    for method in methods:
+    for method, level_text, entry in entries:
         prepared.model.load_state_dict(dense_state)
         row: dict[str, Any] = {"method": method, "sparsity": 0.0, "prune_seconds": 0.0, "ppl": {}}
-        if method != "dense":
-            result = _prune(prepared, configs[method], progress)
+        if level_text is not None:
+            row["level"] = level_text
+        if entry is not None:
+            result = _prune(prepared, entry, progress)
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
         for name, windows in prepared.evaluations:
             row["ppl"][name] = perplexity(prepared.model, windows, progress=progress)

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from sparsegpt.config import METHODS, PruneConfig, parse_override
+from sparsegpt.config import ALLOCATIONS, METHODS, PruneConfig, parse_override
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
+from sparsegpt.solver.refine import MASK_SCORES
 from sparsegpt.stream import resolve_device
 
 EXIT_USAGE = 2
@@ -52,6 +53,30 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATTERN=SPARSITY|skip",
         help="per-layer sparsity by glob on the layer name (repeatable)",
+    )
+    parser.add_argument(
+        "--allocation",
+        default=defaults.allocation,
+        choices=ALLOCATIONS,
+        help="uniform: every layer at the target; owl: blocks with more outlier weights pruned less (same total)",
+    )
+    parser.add_argument("--owl-outlier", type=float, default=defaults.owl_outlier, help="OWL outlier threshold M")
+    parser.add_argument("--owl-lambda", type=float, default=defaults.owl_lambda, help="OWL spread of block sparsities")
+    parser.add_argument(
+        "--mask-score",
+        default=defaults.mask_score,
+        choices=MASK_SCORES,
+        help="sparsegpt: mask chosen in the sweep (w²/[H⁻¹]²); wanda, ria: mask fixed before it",
+    )
+    parser.add_argument(
+        "--repair", type=int, default=0, metavar="N", help="up to N prune-and-grow swaps per row that lower the error"
+    )
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="up to N conjugate-gradient steps towards the best kept weights for each layer's mask",
     )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
@@ -140,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(compare)
     compare.add_argument("--report", type=Path, default=None, help="write the comparison as JSON here")
 
+    sweep = commands.add_parser(
+        "sweep", help="perplexity of several methods at several sparsities: JSON, a table and a plot"
+    )
+    _add_model_options(sweep)
+    sweep.add_argument("-o", "--output", required=True, type=Path, help="folder for sweep.json, sweep.md, sweep.png")
+    sweep.add_argument("--sparsities", default="0.5,0.6,0.7,0.8", help="unstructured levels, comma-separated")
+    sweep.add_argument("--patterns", default="", help="N:M patterns too, comma-separated (e.g. 2:4,4:8)")
+    sweep.add_argument(
+        "--methods",
+        default="magnitude,wanda,sparsegpt",
+        help="methods and variants, comma-separated: METHOD[+owl][+refine][+repair][+wanda|+ria]",
+    )
+    _add_prune_options(sweep)
+    sweep.set_defaults(eval=["sotu:test"])
+    sweep.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
     commands.add_parser("fetch-assets", help="download and prepare the default model and texts")
     return parser
 
@@ -166,6 +207,12 @@ def _config(args: argparse.Namespace, method: str) -> PruneConfig:
         blocksize=args.blocksize,
         batch_size=args.batch_size,
         overrides=tuple(parse_override(text) for text in args.override),
+        allocation=args.allocation,
+        owl_outlier=args.owl_outlier,
+        owl_lambda=args.owl_lambda,
+        mask_score=args.mask_score,
+        repair=args.repair,
+        refine=args.refine,
         **quantization,
     )
 
@@ -263,7 +310,14 @@ def _run(args: argparse.Namespace) -> int | None:
             print(f"perplexity on {name}: {value:.3f}")
         return
     methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    if args.allocation != "uniform" or args.mask_score != "sparsegpt":
+        raise SparseGPTError(
+            f"{args.command} names its variants in --methods (e.g. sparsegpt+owl, sparsegpt+ria), "
+            "not with --allocation or --mask-score"
+        )
     config = _config(args, "sparsegpt")
+    if args.command == "sweep":
+        return _sweep(args, methods, config, evaluations, progress)
     comparison = sparsegpt.compare(args.model, methods, config, args.calib, evaluations, args.dtype, progress)
     if args.report:
         io.write_json_atomically(args.report, comparison)
@@ -271,6 +325,50 @@ def _run(args: argparse.Namespace) -> int | None:
         f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
     )
     print(_comparison_table(comparison))
+
+
+def _sweep(
+    args: argparse.Namespace, methods: list[str], config: PruneConfig, evaluations: list[Any], progress: bool
+) -> None:
+    import sparsegpt
+    from sparsegpt import io
+    from sparsegpt.plot import plot_sweep
+
+    levels = [text.strip() for text in f"{args.sparsities},{args.patterns}".split(",") if text.strip()]
+    if not levels:
+        raise SparseGPTError("give at least one level with --sparsities or --patterns")
+    io.check_output_folder(args.output, args.overwrite)
+    result = sparsegpt.sweep(args.model, methods, levels, config, args.calib, evaluations, args.dtype, progress)
+    table = _sweep_table(result)
+
+    def fill(folder: Path) -> None:
+        io.write_json_atomically(folder / "sweep.json", result)
+        (folder / "sweep.md").write_text(table + "\n")
+        plot_sweep(result, folder / "sweep.png")
+
+    io.write_folder_atomically(args.output, fill, args.overwrite)
+    print(table)
+    for item in result["skipped"]:
+        print(f"skipped {item['method']} at {item['level']}: {item['reason']}")
+    print(f"\nwrote sweep.json, sweep.md and sweep.png to {args.output}")
+
+
+def _sweep_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per method, one column per level (perplexity on the first source)."""
+    rows = result["rows"]
+    source = next(iter(rows[0]["ppl"]))
+    levels = list(dict.fromkeys(row["level"] for row in rows if "level" in row))
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
+    dense = next((row["ppl"][source] for row in rows if row["method"] == "dense"), None)
+    lines = [f"perplexity on {source}" + (f" (dense {dense:.3f})" if dense is not None else ""), ""]
+    lines += ["| method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for text in levels:
+            found = next((row for row in rows if row["method"] == method and row.get("level") == text), None)
+            cells.append(f"{found['ppl'][source]:.3f}" if found else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _launch(processes: int, argv: list[str]) -> int:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.quant import QuantGrid
+from sparsegpt.solver.refine import MASK_SCORES
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+ALLOCATIONS = ("uniform", "owl")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,12 @@ class PruneConfig:
     pairs, the last match winning; a sparsity of ``None`` skips the layer. ``bits`` quantizes the kept
     weights jointly (SparseGPT only; with sparsity 0 this is GPTQ), on grids per row and ``group_size``
     inputs (None = the whole row), ``symmetric`` or not.
+
+    Beyond plain SparseGPT (all off by default): ``allocation="owl"`` moves each block's sparsity by its
+    share of outlier weights (Yin et al. 2023: |W|·‖X‖ above ``owl_outlier`` × the layer mean; offsets
+    spread over ±``owl_lambda``), keeping the model's total exactly; ``mask_score`` fixes the mask from
+    Wanda's or RIA's saliency before the sweep instead of choosing it adaptively; ``repair`` rounds of
+    prune-and-grow swaps and ``refine`` conjugate-gradient steps then lower each layer's error further.
     """
 
     method: str = "sparsegpt"
@@ -35,6 +43,12 @@ class PruneConfig:
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool = False
+    allocation: str = "uniform"
+    owl_outlier: float = 5.0
+    owl_lambda: float = 0.08
+    mask_score: str = "sparsegpt"
+    repair: int = 0
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +60,7 @@ class PruneConfig:
         elif self.group_size is not None or self.symmetric:
             raise SparseGPTError("a group size or symmetric grid needs bits")
         _check_sparsity(self.sparsity, "sparsity")
+        self._check_options()
         for pattern, value in self.overrides:
             if value is not None:
                 _check_sparsity(value, f"override {pattern}")
@@ -58,6 +73,34 @@ class PruneConfig:
             raise SparseGPTError(f"damp must be non-negative, got {self.damp}")
         if self.pattern is not None and self.blocksize % self.pattern.m:
             raise SparseGPTError(f"block size {self.blocksize} must be a multiple of M={self.pattern.m}")
+
+    def _check_options(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise SparseGPTError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.mask_score not in MASK_SCORES:
+            raise SparseGPTError(f"unknown mask score {self.mask_score!r}; choose one of {', '.join(MASK_SCORES)}")
+        for name in ("repair", "refine"):
+            if getattr(self, name) < 0:
+                raise SparseGPTError(f"{name} must be a non-negative integer, got {getattr(self, name)}")
+        solver_options = {
+            "--mask-score": self.mask_score != "sparsegpt",
+            "--repair": self.repair > 0,
+            "--refine": self.refine > 0,
+        }
+        for option, used in solver_options.items():
+            if used and self.method != "sparsegpt":
+                raise SparseGPTError(
+                    f"{option} works on SparseGPT's Hessian; it needs method sparsegpt, not {self.method}"
+                )
+        if self.bits is not None and (self.repair or self.refine):
+            raise SparseGPTError("--repair and --refine move kept weights off the quantization grid; drop --bits")
+        if self.allocation == "owl":
+            if self.pattern is not None:
+                raise SparseGPTError("--allocation owl sets a sparsity per block; an N:M pattern fixes it at N/M")
+            if self.method == "magnitude":
+                raise SparseGPTError("--allocation owl scores weights by their inputs; magnitude uses no calibration")
+            if not self.owl_outlier > 0 or not 0 <= self.owl_lambda < 1:
+                raise SparseGPTError("OWL needs an outlier threshold > 0 and a lambda in [0, 1)")
 
     @property
     def target_sparsity(self) -> float:
@@ -107,3 +150,40 @@ def parse_override(text: str) -> tuple[str, float | None]:
         return pattern, float(value)
     except ValueError:
         raise SparseGPTError(f"override {text!r}: {value!r} is neither a number nor 'skip'") from None
+
+
+DEFAULT_REFINE = 20
+"""Conjugate-gradient steps that a ``+refine`` variant runs when no ``refine`` count is given."""
+DEFAULT_REPAIR = 8
+"""Prune-and-grow rounds that a ``+repair`` variant runs when no ``repair`` count is given."""
+VARIANT_EXTRAS = ("owl", "refine", "repair", "wanda", "ria")
+
+
+def variant(config: PruneConfig, name: str) -> PruneConfig:
+    """The config of a method variant: ``METHOD[+EXTRA...]`` with extras owl (allocation), refine, repair,
+    and wanda or ria (the mask score), e.g. ``sparsegpt+owl+refine``. ``config`` supplies everything else,
+    and the counts of ``refine`` and ``repair`` when it sets them."""
+    method, *extras = name.split("+")
+    changes: dict = {"method": method, "allocation": "uniform", "mask_score": "sparsegpt", "refine": 0, "repair": 0}
+    for extra in extras:
+        if extra == "owl":
+            changes["allocation"] = "owl"
+        elif extra == "refine":
+            changes["refine"] = config.refine or DEFAULT_REFINE
+        elif extra == "repair":
+            changes["repair"] = config.repair or DEFAULT_REPAIR
+        elif extra in ("wanda", "ria"):
+            changes["mask_score"] = extra
+        else:
+            raise SparseGPTError(f"{name}: unknown extra {extra!r}; variants add {', '.join(VARIANT_EXTRAS)}")
+    return replace(config, **changes)
+
+
+def level(config: PruneConfig, text: str) -> PruneConfig:
+    """``config`` at a sparsity level: ``0.7`` (unstructured) or ``2:4`` (N:M)."""
+    if ":" in text:
+        return replace(config, pattern=NMPattern.parse(text))
+    try:
+        return replace(config, sparsity=float(text), pattern=None)
+    except ValueError:
+        raise SparseGPTError(f"a sparsity level is a share like 0.7 or a pattern like 2:4, got {text!r}") from None

@@ -35,6 +35,8 @@ from sparsegpt.solver import (
     sparsegpt_prune,
     wanda_prune,
 )
+from sparsegpt.solver.allocation import outlier_count, owl_counts
+from sparsegpt.solver.refine import fixed_mask, mask_scores, refine_weights, repair_mask
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class LayerRecord:
     seconds: float
     damp: float | None = None
     note: str | None = None
+    swaps: int | None = None  # mask repair: prune-and-grow pairs taken
+    refine_iterations: int | None = None
     scales: torch.Tensor | None = field(default=None, repr=False)  # quantized: grid per (row, group)
     zeros: torch.Tensor | None = field(default=None, repr=False)
 
@@ -245,6 +249,7 @@ def _solve(
     compute = torch.float64 if weight.parameter.dtype == torch.float64 else torch.float32
     original = weight.matrix().detach().to(compute)  # not a copy when already in compute precision
     note = None
+    swaps = refine_iterations = None
     reached = stats is not None and stats.tokens > 0
     hessian = None
     if stats is not None and reached and stats.full:
@@ -266,7 +271,16 @@ def _solve(
     else:
         assert hessian is not None
         try:
-            result = sparsegpt_prune(original, hessian, sparsity, pattern, config.blocksize, config.damp, config.grid)
+            result = sparsegpt_prune(
+                original,
+                hessian,
+                sparsity,
+                pattern,
+                config.blocksize,
+                config.damp,
+                config.grid,
+                _preset(config, original, hessian, sparsity),
+            )
         except SparseGPTError as error:
             raise SparseGPTError(f"{weight.name}: {error}") from None
         if result.damp != config.damp:
@@ -274,6 +288,14 @@ def _solve(
         if result.dead_inputs:
             dead = f"{result.dead_inputs} inputs never fired in calibration"
             note = f"{note}; {dead}" if note else dead
+        if config.repair:
+            group = pattern.m if pattern is not None else None
+            result.weight, result.mask, swaps = repair_mask(
+                result.weight, original, hessian, result.mask, config.repair, group, result.damp
+            )
+        if config.refine:
+            refined = refine_weights(result.weight, original, hessian, result.mask, config.refine, result.damp)
+            result.weight, refine_iterations = refined.weight, refined.iterations
     error = relative_output_error(original, result.weight, hessian) if hessian is not None else None
     solved_with_hessian = hessian is not None
     del original, hessian
@@ -287,9 +309,21 @@ def _solve(
         seconds=time.perf_counter() - started,
         damp=result.damp if config.method == "sparsegpt" and solved_with_hessian else None,
         note=note,
+        swaps=swaps,
+        refine_iterations=refine_iterations,
         scales=result.scales,
         zeros=result.zeros,
     )
+
+
+def _preset(config: PruneConfig, weight: torch.Tensor, hessian: torch.Tensor, sparsity: float) -> torch.Tensor | None:
+    """The mask fixed before the sweep by ``config.mask_score`` (None: SparseGPT chooses it adaptively)."""
+    if config.mask_score == "sparsegpt":
+        return None
+    column_norms = hessian.diagonal().clamp_min(0).sqrt()  # ∝ ‖X_j‖; a common factor changes no order
+    scores = mask_scores(config.mask_score, weight, column_norms)
+    pattern = config.pattern
+    return fixed_mask(scores, sparsity, (pattern.n, pattern.m) if pattern is not None else None)
 
 
 def chosen_weights(block: Block, config: PruneConfig) -> list[tuple[LinearWeight, float]]:
@@ -326,15 +360,56 @@ def observe_block(
     calls: list[BlockCall],
     device: torch.device,
     full: bool = True,
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, InputStatistics]:
     """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics
-    (full Gram matrices, or only column norms when ``full`` is False)."""
+    (full Gram matrices, or only column norms when ``full`` is False); the block's outputs are appended to
+    ``outputs`` when given."""
     observer = LinearInputObserver(weights, device, full)
     with observer:
         for states, call in zip(hidden, calls):
             observer.next_batch()
-            _check_finite(call.run(block.module, states), f"in {block.name} (dense)")
+            output = call.run(block.module, states)
+            _check_finite(output, f"in {block.name} (dense)")
+            if outputs is not None:
+                outputs.append(output)
     return observer.statistics
+
+
+def owl_plan(
+    plan: list[tuple[Block, list[tuple[LinearWeight, float]]]],
+    hidden: list[torch.Tensor],
+    calls: list[list[BlockCall]],
+    device: torch.device,
+    config: PruneConfig,
+    ranks: Ranks | None = None,
+) -> list[tuple[Block, list[tuple[LinearWeight, float]]]]:
+    """``plan`` with OWL's sparsities: one dense pass over the blocks counts each block's outlier weights."""
+    ratios = []
+    for index, (block, chosen) in enumerate(plan):
+        outputs: list[torch.Tensor] = []
+        statistics = observe_block(
+            block, [weight for weight, _ in chosen], hidden, calls[index], device, False, outputs
+        )
+        if ranks is not None:
+            ranks.check_statistics_names(list(statistics))
+            ranks.sum_statistics(statistics)
+        outliers = total = 0
+        for weight, _ in chosen:
+            matrix = weight.matrix()
+            total += matrix.numel()
+            if weight.name in statistics:
+                norms = statistics[weight.name].column_norms()
+                outliers += outlier_count(matrix, norms, config.owl_outlier)
+        ratios.append(outliers / total if total else 0.0)
+        hidden = outputs
+    sizes = [[weight.matrix().numel() for weight, _ in chosen] for _, chosen in plan]
+    counts = owl_counts(ratios, sizes, [[sparsity for _, sparsity in chosen] for _, chosen in plan], config.owl_lambda)
+    log.info("OWL outlier ratios per block: %s", ", ".join(f"{ratio:.4f}" for ratio in ratios))
+    return [
+        (block, [(weight, count / size) for (weight, _), count, size in zip(chosen, block_counts, block_sizes)])
+        for (block, chosen), block_counts, block_sizes in zip(plan, counts, sizes)
+    ]
 
 
 def advance_block(block: Block, hidden: list[torch.Tensor], calls: list[BlockCall]) -> None:
@@ -374,6 +449,8 @@ def prune_model(
     if ranks is not None:
         batches = ranks.share(batches)
     hidden, calls = capture_block_inputs(model, [block for block, _ in plan], batches)
+    if config.allocation == "owl":
+        plan = owl_plan(plan, hidden, calls, device, config, ranks)
     for index, (block, chosen) in enumerate(tqdm(plan, desc="pruning blocks", disable=not progress)):
         # the last block's outputs feed nothing that is pruned
         advance = index < len(plan) - 1

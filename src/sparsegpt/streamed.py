@@ -163,6 +163,11 @@ def prune_streamed(
     interrupted run to the same ``out`` (bitwise the same result as an uninterrupted run).
     """
     device = device or torch.device("cpu")
+    if config.allocation != "uniform":
+        raise SparseGPTError(
+            f"--allocation {config.allocation} needs every block's dense activations before the first is pruned; "
+            "it is not available with --stream yet"
+        )
     check_output_folder(out, overwrite)
     work = partial_folder(out)
     started = time.perf_counter()

@@ -124,12 +124,14 @@ def sparsegpt_prune(
     blocksize: int = 128,
     damp: float = 0.01,
     grid: QuantGrid | None = None,
+    mask: torch.Tensor | None = None,
 ) -> SolveResult:
     """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs.
 
     Unstructured: each lazy block prunes its exact share of the whole layer's ``pruned_count``, chosen
     jointly over the block's rows and columns. With ``pattern`` (N:M), ``sparsity`` is ignored and the N
-    weights of lowest saliency in every group of M inputs of each row are pruned. With ``grid``, kept
+    weights of lowest saliency in every group of M inputs of each row are pruned. With ``mask`` (rows, cols,
+    True = prune) the mask is given, not chosen, and the sweep only compensates. With ``grid``, kept
     weights are also quantized. Computes in float64 when ``weight`` is float64, else in float32.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -140,7 +142,8 @@ def sparsegpt_prune(
     hessian, dead = prepare_hessian(hessian.to(compute))
     inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp)
     weight = weight.to(compute).clone()
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    preset = mask
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device) if preset is None else preset.clone()
     scales = torch.zeros(rows, -(-cols // group), dtype=compute, device=weight.device)
     zeros = torch.zeros_like(scales)
 
@@ -153,10 +156,10 @@ def sparsegpt_prune(
         block_inverse = inverse_cholesky[block_start:block_end, block_start:block_end]
         block_errors = torch.zeros_like(block)
         diagonal = block_inverse.diagonal()
-        if pattern is None:
+        if pattern is None and preset is None:
             block_mask[:] = lowest_k(block.square() / diagonal.square(), block_prune)
         for column in range(block_end - block_start):
-            if pattern is not None and column % pattern.m == 0:
+            if pattern is not None and preset is None and column % pattern.m == 0:
                 span = slice(column, column + pattern.m)
                 block_mask[:, span] = n_of_m(block[:, span].square() / diagonal[span].square(), pattern.n, pattern.m)
             kept = block[:, column].masked_fill(block_mask[:, column], 0.0)

@@ -1,0 +1,104 @@
+"""Issue 5's figures: how much each option beyond plain SparseGPT closes the perplexity gap to dense.
+
+smollm2-135m, NSAMPLES × 512 sotu:train windows (seed 0), perplexity on sotu:test (512-token windows, all
+of them unless --eval-windows). For every level (50%, 70%, 2:4 ...) plain SparseGPT and each variant run
+on the same windows from the same dense weights; a variant is a list of PruneConfig fields:
+
+    python bench/accuracy.py --levels 0.5,0.7,2:4 --variants "owl:allocation=owl" "refine:refine=20" \\
+        "all:allocation=owl,refine=20,repair=8" [--nsamples 128] [--eval-windows 64] [--out FILE]
+
+Prints one JSON line per run, then a Markdown table with each variant's gap reduction
+(1 − (ppl − dense) / (plain − dense)) and its pruning time as a multiple of plain SparseGPT's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sparsegpt
+from sparsegpt import PruneConfig, data
+from sparsegpt.api import calibration_windows, versions
+from sparsegpt.evaluate import perplexity
+from sparsegpt.pipeline import overall_sparsity, prune_model
+from sparsegpt.solver import NMPattern
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``label:field=value,field=value`` → (label, typed fields of PruneConfig)."""
+    label, _, body = text.partition(":")
+    types = {item.name: type(getattr(PruneConfig(), item.name)) for item in fields(PruneConfig)}
+    values: dict[str, Any] = {}
+    for pair in filter(None, body.split(",")):
+        name, _, value = pair.partition("=")
+        values[name] = types[name](value) if types[name] is not type(None) else value
+    return label, values
+
+
+def level_config(level: str, nsamples: int) -> PruneConfig:
+    if ":" in level:
+        return PruneConfig(nsamples=nsamples, seqlen=512, pattern=NMPattern.parse(level))
+    return PruneConfig(nsamples=nsamples, seqlen=512, sparsity=float(level))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="0.5,0.7,2:4")
+    parser.add_argument("--variants", nargs="*", default=[])
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    model, tokenizer, _ = sparsegpt.load_model("smollm2-135m")
+    test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), 512, args.eval_windows)
+    calibration = calibration_windows(
+        model, tokenizer, data.load_text("sotu:train"), level_config("0.5", args.nsamples)
+    )
+    dense_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    dense = perplexity(model, test)
+    rows: list[dict[str, Any]] = [{"level": None, "variant": "dense", "ppl": dense}]
+    print(json.dumps(rows[-1]), flush=True)
+    variants = [("sparsegpt", {}), *(parse_variant(text) for text in args.variants)]
+    for level in args.levels.split(","):
+        for label, values in variants:
+            model.load_state_dict(dense_state)
+            config = replace(level_config(level, args.nsamples), **values)
+            started = time.perf_counter()
+            layers = prune_model(model, config, calibration)
+            seconds = time.perf_counter() - started
+            row = {
+                "level": level,
+                "variant": label,
+                "settings": values,
+                "sparsity": overall_sparsity(layers),
+                "prune_seconds": seconds,
+                "ppl": perplexity(model, test),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    table = ["| level | variant | ppl | gap closed | time × plain |", "|---|---|---|---|---|"]
+    for row in rows[1:]:
+        plain = next(r for r in rows if r["level"] == row["level"] and r["variant"] == "sparsegpt")
+        closed = 1 - (row["ppl"] - dense) / (plain["ppl"] - dense)
+        ratio = row["prune_seconds"] / plain["prune_seconds"]
+        table.append(f"| {row['level']} | {row['variant']} | {row['ppl']:.3f} | {closed:+.1%} | {ratio:.2f} |")
+    print(f"dense {dense:.3f}\n" + "\n".join(table))
+    if args.out:
+        meta = {
+            "versions": versions(),
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        }
+        args.out.write_text(json.dumps({"meta": meta, "nsamples": args.nsamples, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
