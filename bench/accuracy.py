@@ -69,8 +69,12 @@ def main() -> None:
     variants = [("sparsegpt", {}), *(parse_variant(text) for text in args.variants)]
     for level in args.levels.split(","):
         for label, values in variants:
+            try:
+                config = replace(level_config(level, args.nsamples), **values)
+            except sparsegpt.SparseGPTError as error:  # e.g. OWL at an N:M pattern
+                print(json.dumps({"level": level, "variant": label, "skipped": str(error)}), flush=True)
+                continue
             model.load_state_dict(dense_state)
-            config = replace(level_config(level, args.nsamples), **values)
             started = time.perf_counter()
             layers = prune_model(model, config, calibration)
             seconds = time.perf_counter() - started

@@ -152,9 +152,9 @@ def parse_override(text: str) -> tuple[str, float | None]:
         raise SparseGPTError(f"override {text!r}: {value!r} is neither a number nor 'skip'") from None
 
 
-DEFAULT_REFINE = 20
+DEFAULT_REFINE = 100
 """Conjugate-gradient steps that a ``+refine`` variant runs when no ``refine`` count is given."""
-DEFAULT_REPAIR = 8
+DEFAULT_REPAIR = 64
 """Prune-and-grow rounds that a ``+repair`` variant runs when no ``repair`` count is given."""
 VARIANT_EXTRAS = ("owl", "refine", "repair", "wanda", "ria")
 
