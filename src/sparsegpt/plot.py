@@ -49,7 +49,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path, source: str | None = No
         axes.set_yscale("log")
         axes.set_xlabel("sparsity of the pruned layers (squares: N:M patterns)")
         axes.set_ylabel(f"perplexity on {source}")
-        axes.set_title(str(result.get("model", "")))
+        axes.set_title(str(result.get("model", "")), fontsize=9)
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()
