@@ -253,7 +253,8 @@ def compare(
     """Perplexity of the dense model and of each pruning method, side by side, from one loaded model.
 
     ``methods`` may include ``dense`` and variants such as ``sparsegpt+owl+refine`` (see
-    ``config.variant``). Returns {"rows": [{"method", "sparsity", "prune_seconds", "ppl"}], ...}.
+    ``config.variant``: each variant sets the allocation, mask score, repair and refine of ``config`` to
+    what its name says, taking only the repair and refine counts from ``config``). Returns {"rows": [{"method", "sparsity", "prune_seconds", "ppl"}], ...}.
     """
     config = config or PruneConfig()
     entries = [(method, None, None if method == "dense" else variant(config, method)) for method in methods]
