@@ -26,9 +26,9 @@ import torch
 import sparsegpt
 from sparsegpt import PruneConfig, data
 from sparsegpt.api import calibration_windows, versions
+from sparsegpt.config import level as at_level
 from sparsegpt.evaluate import perplexity
 from sparsegpt.pipeline import overall_sparsity, prune_model
-from sparsegpt.solver import NMPattern
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -42,10 +42,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return label, values
 
 
-def level_config(level: str, nsamples: int) -> PruneConfig:
-    if ":" in level:
-        return PruneConfig(nsamples=nsamples, seqlen=512, pattern=NMPattern.parse(level))
-    return PruneConfig(nsamples=nsamples, seqlen=512, sparsity=float(level))
+def level_config(text: str, nsamples: int) -> PruneConfig:
+    return at_level(PruneConfig(nsamples=nsamples, seqlen=512), text)
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from sparsegpt.models import find_blocks
 from sparsegpt.pipeline import overall_sparsity
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
 from sparsegpt.solver.allocation import outlier_count, owl_counts
-from sparsegpt.solver.refine import damped, layer_loss, mask_scores, refine_weights, repair_mask
+from sparsegpt.solver.baselines import layer_loss
+from sparsegpt.solver.refine import damped, mask_scores, refine_weights, repair_mask
 
 from tiny import tiny_model
 

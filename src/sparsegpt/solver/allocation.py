@@ -8,17 +8,19 @@ so that the model's total number of zeros is what a uniform allocation prunes, e
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.solver.baselines import wanda_scores
 from sparsegpt.solver.masks import pruned_count
 
 
 def outlier_count(weight: torch.Tensor, column_norms: torch.Tensor, threshold: float) -> int:
     """How many weights (rows, cols) have a Wanda saliency above ``threshold`` × the matrix's mean."""
-    saliency = weight.abs().to(torch.float32) * column_norms.to(torch.float32).unsqueeze(0)
+    saliency = wanda_scores(weight.to(torch.float32), column_norms)
     return int((saliency > threshold * saliency.mean()).sum())
 
 
@@ -32,30 +34,29 @@ def owl_counts(ratios: list[float], sizes: list[list[int]], base: list[list[floa
     scaled = [(ratio - low) / (high - low) * 2 * spread if high > low else 0.0 for ratio in ratios]
     weights_per_block = [sum(block) for block in sizes]
     mean = sum(value * count for value, count in zip(scaled, weights_per_block)) / sum(weights_per_block)
-    wanted: list[tuple[int, int, float, int]] = []  # (block, matrix, real count, size)
+    flat_sizes, wanted = [], []  # every matrix, block after block: its size and its real-valued count
     for block, (offset, block_sizes, block_base) in enumerate(zip(scaled, sizes, base)):
-        for matrix, (size, sparsity) in enumerate(zip(block_sizes, block_base)):
+        for size, sparsity in zip(block_sizes, block_base):
             moved = sparsity - (offset - mean)
             if not 0 <= moved < 1:
                 raise SparseGPTError(
                     f"OWL would give block {block} a sparsity of {moved:.3f}; lower the OWL lambda or the sparsity"
                 )
-            wanted.append((block, matrix, moved * size, size))
-    total = sum(
-        pruned_count(sparsity, size)
-        for block_sizes, block_base in zip(sizes, base)
-        for size, sparsity in zip(block_sizes, block_base)
-    )
-    counts = {(block, matrix): min(math.floor(real), size) for block, matrix, real, size in wanted}
-    # the largest remainders take the few weights that flooring left over (or give them back)
-    order = sorted(wanted, key=lambda item: item[2] - math.floor(item[2]), reverse=True)
-    missing = total - sum(counts.values())
+            flat_sizes.append(size)
+            wanted.append(moved * size)
+    total = sum(pruned_count(sparsity, size) for block in zip(sizes, base) for size, sparsity in zip(*block))
+    counts = [min(math.floor(real), size) for real, size in zip(wanted, flat_sizes)]
+    # the largest remainders take the few weights that flooring left over (the smallest give some back)
+    missing = total - sum(counts)
     step = 1 if missing > 0 else -1
-    position = 0 if missing > 0 else len(order) - 1
-    while missing:
-        block, matrix, _, size = order[position % len(order)]
-        if 0 <= counts[block, matrix] + step <= size:
-            counts[block, matrix] += step
+    ranked = sorted(range(len(wanted)), key=lambda index: wanted[index] - math.floor(wanted[index]), reverse=True)
+    if step < 0:
+        ranked.reverse()
+    for index in itertools.cycle(ranked):
+        if not missing:
+            break
+        if 0 <= counts[index] + step <= flat_sizes[index]:
+            counts[index] += step
             missing -= step
-        position += step
-    return [[counts[block, matrix] for matrix in range(len(block_sizes))] for block, block_sizes in enumerate(sizes)]
+    flat = iter(counts)
+    return [[next(flat) for _ in block_sizes] for block_sizes in sizes]

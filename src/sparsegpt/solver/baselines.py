@@ -29,16 +29,26 @@ def wanda_prune(
     ``column_norms`` (cols,) holds the input norms ‖X_j‖₂ over the calibration tokens.
     """
     weight = weight.float() if weight.dtype != torch.float64 else weight
-    scores = weight.abs() * column_norms.to(weight.dtype).unsqueeze(0)
+    scores = wanda_scores(weight, column_norms)
     if pattern is not None:
         return _apply(weight, n_of_m(scores, pattern.n, pattern.m))
     return _apply(weight, lowest_k_per_row(scores, sparsity))
 
 
+def wanda_scores(weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's saliency |W_ij| · ‖X_j‖₂ of each weight (rows, cols), in the weight's dtype."""
+    return weight.abs() * column_norms.to(weight.dtype).unsqueeze(0)
+
+
+def layer_loss(weight: torch.Tensor, original: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Σ_rows (ŵ − w)ᵀ H (ŵ − w) in float64: the output energy that ``weight`` loses against ``original``."""
+    delta = (weight - original).to(torch.float64)
+    return float(((delta @ hessian.to(torch.float64)) * delta).sum())
+
+
 def relative_output_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs, from H ∝ XᵀX: the share of output energy lost."""
     hessian = hessian.to(torch.float64)
-    delta = (original - pruned).to(torch.float64)
-    lost = (delta @ hessian * delta).sum()
-    kept = (original.to(torch.float64) @ hessian * original.to(torch.float64)).sum()
-    return float(lost / kept) if kept > 0 else 0.0
+    lost = layer_loss(pruned, original, hessian)
+    kept = layer_loss(original, torch.zeros_like(original), hessian)
+    return lost / kept if kept > 0 else 0.0

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsegpt.solver.baselines import layer_loss, wanda_scores
 from sparsegpt.solver.masks import lowest_k_per_row, n_of_m
+from sparsegpt.solver.sparsegpt import prepare_hessian
 
 MASK_SCORES = ("sparsegpt", "wanda", "ria")
 
@@ -36,18 +38,11 @@ class RefineResult:
     iterations: int
 
 
-def layer_loss(weight: torch.Tensor, original: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Σ_rows (ŵ − w)ᵀ H (ŵ − w), in float64."""
-    delta = (weight - original).to(torch.float64)
-    return float(((delta @ hessian.to(torch.float64)) * delta).sum())
-
-
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + λI with λ = damp · mean(diag H), as the sweep uses it (a copy); dead inputs get a unit diagonal."""
-    result = hessian.clone()
-    diagonal = result.diagonal()
-    diagonal[diagonal == 0] = 1.0
-    diagonal.add_(damp * diagonal.mean())
+    """H + λI with λ = damp · mean(diag H), as the sweep factorizes it (a copy, dead inputs with a unit
+    diagonal: ``prepare_hessian``)."""
+    result, _ = prepare_hessian(hessian)
+    result.diagonal().add_(damp * result.diagonal().mean())
     return result
 
 
@@ -73,11 +68,13 @@ def refine_weights(
     kept = (~pruned).to(compute)
     inverse_diagonal = 1.0 / system.diagonal()
     refined = weight.clone()
-    residual = -((refined - original) @ system) * kept  # minus the half-gradient, on the support
+    half_gradient = (refined - original) @ system
+    loss_left = float((half_gradient * (refined - original)).sum())
+    residual = -half_gradient * kept  # on the support
+    del half_gradient
     preconditioned = residual * inverse_diagonal
     direction = preconditioned.clone()
     alignment = (residual * preconditioned).sum(dim=1)
-    loss_left = float((((refined - original) @ system) * (refined - original)).sum())
     done = 0
     while done < iterations:
         done += 1
@@ -134,9 +131,9 @@ def repair_mask(
             grow_at = growth_gain.argmax(dim=1)
         else:  # the best pair inside each group, then the group whose pair looks best
             shape = (current.shape[0], -1, group)
-            cost, prune_in = removal_cost.view(shape).min(dim=2)
-            gain, grow_in = growth_gain.view(shape).max(dim=2)
-            chosen = (cost - gain).argmin(dim=1)
+            group_cost, prune_in = removal_cost.view(shape).min(dim=2)
+            group_gain, grow_in = growth_gain.view(shape).max(dim=2)
+            chosen = (group_cost - group_gain).argmin(dim=1)
             prune_at = chosen * group + prune_in[rows, chosen]
             grow_at = chosen * group + grow_in[rows, chosen]
         removed = current[rows, prune_at]
@@ -165,15 +162,14 @@ def repair_mask(
 def mask_scores(kind: str, weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
     """Saliency (rows, cols) of each weight, lower = pruned first: Wanda |W_ij|·‖X_j‖, or RIA
     (|W_ij|/Σ_j|W_ij| + |W_ij|/Σ_i|W_ij|)·‖X_j‖^½ (Zhang et al. 2024)."""
-    magnitude = weight.abs()
-    norms = column_norms.to(weight.dtype).unsqueeze(0)
     if kind == "wanda":
-        return magnitude * norms
+        return wanda_scores(weight, column_norms)
     if kind == "ria":
+        magnitude = weight.abs()
         tiny = torch.finfo(weight.dtype).tiny
         relative = magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(tiny)
         relative += magnitude / magnitude.sum(dim=0, keepdim=True).clamp_min(tiny)
-        return relative * norms.sqrt()
+        return relative * column_norms.to(weight.dtype).unsqueeze(0).sqrt()
     raise ValueError(f"unknown mask score {kind!r}")
 
 
