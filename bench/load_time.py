@@ -3,10 +3,11 @@
     python bench/load_time.py PLAIN COMPACT [--repeats 9]
     python bench/load_time.py --build DIR [--repeats 9]
 
-``--build DIR`` first makes the two pairs the figures in docs/BENCHMARKS.md use, from the default model in
-bf16 (seconds, no calibration): every decoder linear weight 50% magnitude-pruned per row (DIR/sparse), and
-the same with the kept weights rounded to a 4-bit asymmetric grid in groups of 128 (DIR/quant); each as a
-plain folder and its compact twin. Decoding time depends on the layout, not on the values.
+``--build DIR`` first makes the four pairs the figures in docs/BENCHMARKS.md use, from the default model in
+bf16 (seconds, no calibration): every decoder linear weight 50% magnitude-pruned per row (DIR/sparse), the
+same with the kept weights rounded to a 4-bit asymmetric grid in groups of 128 (DIR/quant), and both again
+with 2:4 magnitude masks (DIR/2-4, DIR/2-4+quant); each as a plain folder and its compact twin. Decoding
+time depends on the layout, not on the values.
 
 Both are loaded with ``sparsegpt.load_pretrained`` in their stored dtype, in this process, after the
 allocator tuning that the CLI applies.
@@ -15,6 +16,7 @@ allocator tuning that the CLI applies.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -23,11 +25,12 @@ from pathlib import Path
 import torch
 
 import sparsegpt
+from sparsegpt import compact as compact_format
 from sparsegpt.assets import model_folder
 from sparsegpt.compact import QuantSpec, write_quant_sidecar
 from sparsegpt.models import find_blocks, load_pretrained
 from sparsegpt.runtime import keep_freed_memory
-from sparsegpt.solver.masks import lowest_k_per_row
+from sparsegpt.solver.masks import lowest_k_per_row, n_of_m
 from sparsegpt.solver.quant import QuantGrid, dequantize, fit_grid, group_views, quantize
 
 
@@ -35,15 +38,18 @@ def build(root: Path) -> list[tuple[Path, Path]]:
     """The (plain, compact) pairs described above, under ``root``."""
     grid = QuantGrid(4, 128)
     pairs = []
-    for kind in ("sparse", "quant"):
+    for kind in ("sparse", "quant", "2:4", "2:4+quant"):
         model = load_pretrained(model_folder("smollm2-135m"), dtype="bfloat16")
         specs = {}
         names = {id(parameter): name for name, parameter in model.named_parameters()}
         for block in find_blocks(model):
             for weight in block.weights:
                 matrix = weight.matrix().float()
-                matrix[lowest_k_per_row(matrix.abs(), 0.5)] = 0.0
-                if kind == "quant":
+                if kind.startswith("2:4"):
+                    matrix[n_of_m(matrix.abs(), 2, 4)] = 0.0
+                else:
+                    matrix[lowest_k_per_row(matrix.abs(), 0.5)] = 0.0
+                if kind.endswith("quant"):
                     kept = matrix != 0
                     groups = grid.groups(matrix.shape[1])
                     scales, zeros = torch.empty(matrix.shape[0], groups), torch.empty(matrix.shape[0], groups)
@@ -58,7 +64,7 @@ def build(root: Path) -> list[tuple[Path, Path]]:
                         grid, scales.half(), zeros.to(torch.uint8), weight.transposed
                     )
                 weight.write(matrix)
-        plain, compact = root / kind / "plain", root / kind / "compact"
+        plain, compact = root / kind.replace(":", "-") / "plain", root / kind.replace(":", "-") / "compact"
         model.save_pretrained(plain)
         write_quant_sidecar(plain, specs)
         sparsegpt.pack_folder(plain, compact, overwrite=True)
@@ -72,7 +78,17 @@ def main() -> None:
     parser.add_argument("compact", type=Path, nargs="?")
     parser.add_argument("--build", type=Path, metavar="DIR", help="make the two pairs under DIR, then time them")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--no-native", action="store_true", help="decode with the numpy/torch reader, as without a C compiler"
+    )
+    parser.add_argument(
+        "--portable", action="store_true", help="native kernel without its AVX-512 loops, as on other processors"
+    )
     args = parser.parse_args()
+    if args.portable:
+        compact_format.decode_tensor = functools.partial(compact_format.decode_tensor, vector=False)
+    if args.no_native:
+        compact_format._kernel = lambda: None  # what decode_tensor consults
     if args.build:
         pairs = build(args.build)
     elif args.plain and args.compact:
@@ -89,6 +105,7 @@ def main() -> None:
                 times[folder].append(time.perf_counter() - started)
         plain, compact = (statistics.median(times[folder]) for folder in (plain_folder, compact_folder))
         row = {"compact": str(compact_folder), "plain_seconds": round(plain, 3), "compact_seconds": round(compact, 3)}
+        row["native_decoding"] = compact_format.native_decoding()
         print(json.dumps(row | {"ratio": round(compact / plain, 2)}))
 
 

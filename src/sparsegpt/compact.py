@@ -9,11 +9,11 @@ in-group positions of the kept values. Every other tensor is stored as it is. ``
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
 import shutil
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -24,6 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+try:  # ISA-L's CRC-32 (the same checksum as zlib's) runs about 9x faster here, which loading feels
+    from isal.isal_zlib import crc32 as _CRC32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback where it cannot install
+    from zlib import crc32 as _CRC32
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
@@ -297,12 +302,19 @@ def _expect(name: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...], 
 
 
 def decode_tensor(
-    name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor], out: torch.Tensor | None = None
+    name: str,
+    entry: dict[str, Any],
+    read: Callable[[str], torch.Tensor],
+    out: torch.Tensor | None = None,
+    native: bool = True,
+    vector: bool = True,
 ) -> torch.Tensor:
     """Rebuild one tensor from its manifest entry; ``read(key)`` returns a stored part.
 
     With ``out`` (a tensor of the entry's shape) the result is written there, saving a copy when its dtype
-    and layout allow decoding in place.
+    and layout allow decoding in place. ``native`` uses the C kernel where it is built (one pass), with
+    its AVX-512 loops where the processor has them and ``vector`` allows them; ``native=False`` forces the
+    numpy/torch reader. All give the same bits.
     """
     try:
         shape = tuple(int(size) for size in entry["shape"])
@@ -325,16 +337,13 @@ def decode_tensor(
     if transposed and len(shape) != 2:
         raise SparseGPTError(f"{name}: only 2-D tensors can be stored transposed")
     rows, cols = (shape[1], shape[0]) if transposed else (math.prod(shape[:-1]), shape[-1])
+    mask_part = positions_part = values = codes = scales = zeros = None
     if encoding == "full":
         if grid is None or kept_count != rows * cols:
             raise SparseGPTError(f"{name}: a full entry must be quantized and keep all {rows * cols} weights")
-        layout = Layout(rows, cols)
     elif encoding == "bitmask":
         mask_part = read(f"{name}::mask")
         _expect(name, "mask", mask_part, (math.ceil(rows * cols / 8),), torch.uint8)
-        layout = Layout(rows, cols, mask=unpack_mask(mask_part, rows * cols).view(rows, cols))
-        if layout.count != kept_count:
-            raise SparseGPTError(f"{name}: the mask marks {layout.count} kept weights, the entry says {kept_count}")
     elif pattern is not None:
         n, m = pattern
         if not 0 < n < m or cols % m:
@@ -346,39 +355,122 @@ def decode_tensor(
             )
         positions_part = read(f"{name}::positions")
         _expect(name, "positions", positions_part, (math.ceil(count * index_bits(m) / 8),), torch.uint8)
-        positions = unpack_bits(positions_part, index_bits(m), count).view(rows, cols // m, m - n).long()
-        if (positions >= m).any() or (positions.diff(dim=2) <= 0).any():
-            raise SparseGPTError(f"{name}: in-group positions are out of range or not strictly increasing")
-        layout = Layout(rows, cols, positions=positions, m=m)
     else:
         raise SparseGPTError(f"{name}: unknown encoding {encoding!r}")
-    if grid is None:
-        values = read(f"{name}::values")
-        _expect(name, "values", values, (kept_count,), dtype)
-        if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
-            layout.scatter(values, out.view(rows, cols))
-            return out
-        matrix = layout.scatter(values)
+    try:
+        if grid is None:
+            values = read(f"{name}::values")
+            _expect(name, "values", values, (kept_count,), dtype)
+        else:
+            codes = read(f"{name}::codes")
+            _expect(name, "codes", codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
+            scales = read(f"{name}::scales")
+            _expect(name, "scales", scales, (rows, grid.groups(cols)), torch.float16)
+            zeros = read(f"{name}::zeros")
+            _expect(name, "zeros", zeros, (rows, grid.groups(cols)), torch.uint8)
+    except SparseGPTError:
+        if mask_part is not None:  # say so where the mask is what disagrees with the entry
+            _python_layout(name, rows, cols, mask_part, None, None, kept_count)
+        raise
+    # decode straight into ``out`` where it has the stored dtype and layout
+    direct = out is not None and not transposed and out.dtype == dtype and out.is_contiguous()
+    target = out.view(rows, cols) if direct else torch.empty(rows, cols, dtype=dtype)
+    kernel = _kernel() if native else None
+    if kernel is not None and (grid is None or (dtype in _OUT_KINDS and bool(torch.isfinite(scales).all()))):
+        marked = kernel.sgpt_decode(
+            rows, cols, _LAYOUTS[encoding], _pointer(mask_part), _pointer(positions_part),
+            0 if positions_part is None else positions_part.numel(), pattern[1] if pattern else 0,
+            pattern[1] - pattern[0] if pattern else 0, kept_count, _pointer(values),
+            target.element_size(), _pointer(codes), 0 if codes is None else codes.numel(),
+            grid.bits if grid else 0, _pointer(scales), _pointer(zeros), grid.group(cols) if grid else 0,
+            grid.groups(cols) if grid else 0, _OUT_KINDS.get(dtype, 0), vector, target.data_ptr(),
+        )  # fmt: skip
+        if marked == _POSITIONS_ERROR:
+            raise SparseGPTError(f"{name}: in-group positions are out of range or not strictly increasing")
+        if marked < 0:
+            raise SparseGPTError(f"{name}: the native decoder refused this entry (code {marked})")
+        if marked != kept_count:
+            raise SparseGPTError(f"{name}: the mask marks {marked} kept weights, the entry says {kept_count}")
+        matrix = target
     else:
-        group = grid.group(cols)
-        codes = read(f"{name}::codes")
-        _expect(name, "codes", codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
-        scales = read(f"{name}::scales")
-        _expect(name, "scales", scales, (rows, grid.groups(cols)), torch.float16)
-        zeros = read(f"{name}::zeros")
-        _expect(name, "zeros", zeros, (rows, grid.groups(cols)), torch.uint8)
-        # Dequantize densely (a few cheap passes over the whole matrix beat per-entry scale lookups): pruned
-        # entries hold their group's zero point, so they come out as (z − z)·s = +0.0, as stored.
-        dense_codes = torch.empty(rows, cols, dtype=torch.uint8)
-        for view, which in group_views(dense_codes, group):
-            view.copy_(zeros[:, which, None].expand_as(view))
-        layout.place(unpack_bits(codes, grid.bits, kept_count), dense_codes)
-        matrix = dequantize_groups(dense_codes, scales, zeros, group)
-        if out is not None and not transposed and out.dtype == dtype and out.is_contiguous():
-            return out.copy_(matrix.view(shape))
-        matrix = matrix.to(dtype)
+        layout = _python_layout(name, rows, cols, mask_part, positions_part, pattern, kept_count)
+        if grid is None:
+            matrix = layout.scatter(values, target)
+        else:
+            # Dequantize densely (a few cheap passes over the whole matrix beat per-entry scale lookups):
+            # pruned entries hold their group's zero point, so they come out as (z − z)·s = +0.0, as stored.
+            group = grid.group(cols)
+            dense_codes = torch.empty(rows, cols, dtype=torch.uint8)
+            for view, which in group_views(dense_codes, group):
+                view.copy_(zeros[:, which, None].expand_as(view))
+            layout.place(unpack_bits(codes, grid.bits, kept_count), dense_codes)
+            matrix = target.copy_(dequantize_groups(dense_codes, scales, zeros, group))
+    if direct:
+        return out
     tensor = matrix.T.contiguous() if transposed else matrix.reshape(shape)
     return out.copy_(tensor) if out is not None else tensor
+
+
+def _python_layout(
+    name: str,
+    rows: int,
+    cols: int,
+    mask_part: torch.Tensor | None,
+    positions_part: torch.Tensor | None,
+    pattern: tuple[int, int] | None,
+    kept_count: int,
+) -> Layout:
+    """The checked Layout of a stored tensor from its mask or positions part (the numpy/torch reader)."""
+    if mask_part is not None:
+        layout = Layout(rows, cols, mask=unpack_mask(mask_part, rows * cols).view(rows, cols))
+        if layout.count != kept_count:
+            raise SparseGPTError(f"{name}: the mask marks {layout.count} kept weights, the entry says {kept_count}")
+        return layout
+    if positions_part is not None and pattern is not None:
+        n, m = pattern
+        positions = unpack_bits(positions_part, index_bits(m), kept_count).view(rows, cols // m, m - n).long()
+        if (positions >= m).any() or (positions.diff(dim=2) <= 0).any():
+            raise SparseGPTError(f"{name}: in-group positions are out of range or not strictly increasing")
+        return Layout(rows, cols, positions=positions, m=m)
+    return Layout(rows, cols)
+
+
+# --- the native kernel (_cdecode.c) -----------------------------------------------------------------
+
+_LAYOUTS = {"full": 0, "bitmask": 1, "nm": 2}
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_POSITIONS_ERROR = -1
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The native decoding library, or None where the optional extension was not built (then the
+    numpy/torch reader decodes, bit for bit the same)."""
+    try:
+        from sparsegpt import _cdecode
+    except ImportError:
+        return None
+    library = ctypes.CDLL(_cdecode.__file__)
+    integer, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.sgpt_decode.restype = integer
+    library.sgpt_decode.argtypes = [integer, integer, ctypes.c_int32, pointer, pointer, integer, integer, integer]
+    library.sgpt_decode.argtypes += [integer, pointer, integer, pointer, integer, integer, pointer, pointer]
+    library.sgpt_decode.argtypes += [integer, integer, ctypes.c_int32, ctypes.c_int32, pointer]
+    library.sgpt_round.restype = None
+    library.sgpt_round.argtypes = [pointer, pointer, integer, ctypes.c_int32]
+    return library
+
+
+def native_decoding() -> bool:
+    """Whether the native decoding kernel is available (it is optional; see pyproject.toml)."""
+    return _kernel() is not None
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    if tensor is None:
+        return None
+    assert tensor.is_contiguous()
+    return tensor.data_ptr()
 
 
 def part_bytes(parts: dict[str, torch.Tensor]) -> int:
@@ -387,7 +479,7 @@ def part_bytes(parts: dict[str, torch.Tensor]) -> int:
 
 
 def _crc32(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return _CRC32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 # --- folders -----------------------------------------------------------------------------------------
