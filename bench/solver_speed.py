@@ -2,8 +2,10 @@
 
 Both solve identical (W, H) pairs: W random normal, H = 2·XᵀX/n from n = 2048 correlated random inputs (a
 few strong feature directions, as in transformer activations), 50% unstructured and 2:4, block size 128,
-damping 0.01, fp32. Calls alternate (ours, peer, ours, peer, ...) in one process; medians are reported
-with the time ratio, the share of mask entries that agree and the largest weight difference.
+damping 0.01, fp32. Ours runs twice: with its default factorization of the inverse Hessian ("reversed",
+one Cholesky and one triangular inverse) and with the peer's sequence ("inverse": Cholesky, inverse,
+Cholesky; the same bits). Calls alternate (ours, ours inverse, peer, ...) in one process; medians are
+reported with the time ratios, the share of mask entries that agree and the largest weight difference.
 
 Run it with the peer's interpreter and this project's sources on the path:
 
@@ -42,6 +44,13 @@ def ours(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern | None)
     return sparsegpt_prune(weight, hessian, 0.5, pattern, 128, 0.01).weight
 
 
+def ours_reference_factorization(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern | None
+) -> torch.Tensor:
+    """The same, with U computed by the reference's (and the peer's) sequence of operations."""
+    return sparsegpt_prune(weight, hessian, 0.5, pattern, 128, 0.01, factorization="inverse").weight
+
+
 def peer(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern | None) -> torch.Tensor:
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight.data = weight.clone()
@@ -68,32 +77,30 @@ def main() -> None:
         weight, hessian = problem(rows, cols)
         for text in args.patterns.split(","):
             pattern = None if text == "none" else NMPattern.parse(text)
-            times: dict[str, list[float]] = {"ours": [], "peer": []}
+            solvers = {"ours": ours, "ours_inverse": ours_reference_factorization, "peer": peer}
+            times: dict[str, list[float]] = {name: [] for name in solvers}
             results = {}
             for _ in range(args.repeats):
-                for name, solve in (("ours", ours), ("peer", peer)):
+                for name, solve in solvers.items():
                     seconds, results[name] = timed(solve, weight, hessian, pattern)
                     times[name].append(seconds)
-            mine = results["ours"]
-            theirs = results["peer"].to(mine.dtype)
-            row = {
-                "shape": shape,
-                "pattern": text,
-                "ours_s": statistics.median(times["ours"]),
-                "peer_s": statistics.median(times["peer"]),
-                "mask_agreement": float(((mine == 0) == (theirs == 0)).float().mean()),
-                "largest_weight_difference": float((mine - theirs).abs().max()),
-                "threads": torch.get_num_threads(),
-            }
-            row["speedup"] = row["peer_s"] / row["ours_s"]
+            theirs = results["peer"]
+            row = {"shape": shape, "pattern": text, "threads": torch.get_num_threads()}
+            row |= {f"{name}_s": statistics.median(times[name]) for name in solvers}
+            for name in ("ours", "ours_inverse"):
+                mine = results[name]
+                row[f"{name}_speedup"] = row["peer_s"] / row[f"{name}_s"]
+                row[f"{name}_mask_agreement"] = float(((mine == 0) == (theirs == 0)).float().mean())
+                row[f"{name}_largest_weight_difference"] = float((mine - theirs.to(mine.dtype)).abs().max())
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-    print("| W shape | pattern | ours s | peer s | peer/ours | same mask | max |ΔW| |")
-    print("|---|---|---|---|---|---|---|")
+    print("| W shape | pattern | peer s | ours s | peer/ours | same mask | ours (inverse) s | peer/ours | same mask |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows_out:
         print(
-            f"| {row['shape']} | {row['pattern']} | {row['ours_s']:.3f} | {row['peer_s']:.3f} | {row['speedup']:.2f} "
-            f"| {row['mask_agreement']:.5f} | {row['largest_weight_difference']:.2e} |"
+            f"| {row['shape']} | {row['pattern']} | {row['peer_s']:.3f} | {row['ours_s']:.3f} "
+            f"| {row['ours_speedup']:.2f} | {row['ours_mask_agreement']:.5f} | {row['ours_inverse_s']:.3f} "
+            f"| {row['ours_inverse_speedup']:.2f} | {row['ours_inverse_mask_agreement']:.6f} |"
         )
 
 

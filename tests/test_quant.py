@@ -22,6 +22,9 @@ from reference import problem, slow_sparsegpt
         (4, 48, 0.5, (4, 8), 8, (2, 48, False), ()),  # 4:8 + 2 bit, group = row
         (6, 40, 0.5, None, 8, (4, 16, False), ()),  # groups of 16, 16 and a ragged 8
         (5, 36, 0.5, (2, 4), 12, (4, 24, True), ()),  # a group of 24 spanning two blocks, then a ragged 12
+        (6, 96, 0.5, None, 64, (4, 8, False), ()),  # groups of 8 inside blocks of 64: sub-blocks of 8
+        (5, 72, 0.5, (2, 4), 72, (3, 24, False), ()),  # 2:4 with groups of 24: sub-blocks of 8
+        (4, 60, 0.4, None, 60, (4, 12, True), ()),  # groups of 12: sub-blocks of 12
     ],
 )
 def test_joint_quantization_equals_slow_transcription(rows, cols, sparsity, pattern, blocksize, quant, dead):

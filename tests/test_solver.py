@@ -20,6 +20,7 @@ from sparsegpt.solver import (
     split_count,
     wanda_prune,
 )
+from sparsegpt.solver.sparsegpt import FACTORIZATIONS, lower_triangular_inverse
 
 from reference import problem, slow_sparsegpt
 
@@ -33,11 +34,15 @@ from reference import problem, slow_sparsegpt
         (10, 32, 0.5, (2, 4), 16, ()),
         (6, 48, 0.5, (4, 8), 16, (5,)),
         (5, 36, 0.25, (1, 4), 12, ()),
+        (9, 96, 0.5, (2, 4), 64, (40,)),  # sub-blocks of 16 inside blocks of 64
+        (6, 100, 0.6, None, 48, ()),  # sub-blocks of 16 and a ragged last one
     ],
 )
-def test_fast_solver_equals_slow_transcription(rows, cols, sparsity, pattern, blocksize, dead):
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+def test_fast_solver_equals_slow_transcription(rows, cols, sparsity, pattern, blocksize, dead, factorization):
     weight, hessian, _ = problem(rows, cols, dead=dead)
-    result = sparsegpt_prune(weight, hessian, sparsity, NMPattern(*pattern) if pattern else None, blocksize, 0.01)
+    nm = NMPattern(*pattern) if pattern else None
+    result = sparsegpt_prune(weight, hessian, sparsity, nm, blocksize, 0.01, factorization=factorization)
     expected_weight, expected_mask = slow_sparsegpt(weight, hessian, sparsity, pattern, blocksize, 0.01)
     assert torch.equal(result.mask, expected_mask)
     torch.testing.assert_close(result.weight, expected_weight, rtol=1e-9, atol=1e-9)
@@ -68,12 +73,31 @@ def test_norms_only_statistics_match_the_gram_diagonal():
         norms.hessian()
 
 
-def test_inverse_cholesky_factor_gives_the_damped_inverse():
-    _, hessian, _ = problem(4, 24)
-    upper, damp = inverse_hessian_cholesky(hessian, 0.01)
-    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+@pytest.mark.parametrize("cols", [24, 600])  # 600: the triangular inverse recurses (blocks of 256)
+def test_inverse_cholesky_factor_gives_the_damped_inverse(factorization, cols):
+    _, hessian, _ = problem(4, cols)
+    upper, damp = inverse_hessian_cholesky(hessian, 0.01, factorization)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
-    assert torch.equal(upper, upper.triu()) and damp == 0.01
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all()) and damp == 0.01
+    # the upper factor with a positive diagonal is unique: both ways give the same U
+    other = inverse_hessian_cholesky(hessian, 0.01, "inverse" if factorization == "reversed" else "reversed")[0]
+    torch.testing.assert_close(upper, other)
+
+
+@pytest.mark.parametrize("size", [1, 7, 256, 257, 700])
+def test_lower_triangular_inverse_by_halves(size):
+    lower = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)).tril()
+    lower.diagonal().copy_(lower.diagonal().abs() + size**0.5)  # well conditioned
+    inverse = lower_triangular_inverse(lower)
+    torch.testing.assert_close(inverse, torch.linalg.inv(lower))
+    assert torch.equal(inverse, inverse.tril())
+
+
+def test_unknown_factorization_is_refused():
+    with pytest.raises(SparseGPTError, match="factorization must be one of reversed, inverse"):
+        inverse_hessian_cholesky(torch.eye(3), 0.01, "qr")
 
 
 def test_failed_factorization_raises_damping_and_records_it(caplog):

@@ -6,6 +6,8 @@ of entries (ties are broken by position, never by pruning more), so the achieved
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,6 +29,10 @@ def split_count(sparsity: float, sizes: list[int]) -> list[int]:
         counts.append(target - done)
         done = target
     return counts
+
+
+PAIRWISE_ENTRIES = 1 << 22
+"""Up to this many (entry, group member) pairs, ``n_of_m`` ranks by comparing every pair; beyond, it sorts."""
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,8 +67,25 @@ def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"{cols} columns do not split into groups of {m}")
-    groups = scores.reshape(rows, cols // m, m)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    if n > 0:  # a stable sort: equal scores in a group go by position, on every device
-        mask.scatter_(2, groups.argsort(dim=2, stable=True)[..., :n], True)
-    return mask.view(rows, cols)
+    return lowest_along(scores.reshape(rows, cols // m, m), n, dim=2).reshape(rows, cols)
+
+
+def lowest_along(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Mask of the ``n`` lowest entries of ``scores`` along ``dim``; equal scores go by position, on every
+    device, and a NaN counts as the largest score."""
+    ordered = scores.movedim(dim, 0)  # (m, ...)
+    size = ordered.shape[0]
+    if n <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if size <= 8 and scores.numel() * size <= PAIRWISE_ENTRIES:
+        # each entry's rank from all m² comparisons at once (the solver asks once per group of columns,
+        # and a stable sort of a few entries at a time costs several times more there)
+        ordered = ordered.nan_to_num(nan=math.inf)
+        first, second = ordered.unsqueeze(1), ordered.unsqueeze(0)  # entry i against entry j: [i, j, ...]
+        earlier = torch.ones(size, size, dtype=torch.bool, device=scores.device).tril(-1)
+        earlier = earlier.view(size, size, *([1] * (ordered.dim() - 1)))
+        rank = ((first > second) | ((first == second) & earlier)).sum(dim=1, dtype=torch.uint8)
+        return (rank < n).movedim(0, dim)
+    mask = torch.zeros_like(ordered, dtype=torch.bool)
+    mask.scatter_(0, ordered.argsort(dim=0, stable=True)[:n], True)
+    return mask.movedim(0, dim)

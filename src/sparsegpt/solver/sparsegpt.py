@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.solver.masks import lowest_k, n_of_m, split_count
+from sparsegpt.solver.masks import lowest_along, lowest_k, split_count
 from sparsegpt.solver.quant import QuantGrid, dequantize, fit_grid, quantize
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,29 @@ def prepare_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hessian, dead
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+FACTORIZATIONS = ("reversed", "inverse")
+"""How U is computed: "reversed" (the default, about 1.7x faster) or "inverse" (the reference code's
+sequence of operations, which llmcompressor also follows: the same bits, so the same masks)."""
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, damp: float, factorization: str = "reversed"
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H), so that H⁻¹ = UᵀU.
+
+    "reversed" never forms H⁻¹: with P the order-reversing permutation and L the lower Cholesky factor of
+    P(H + λI)P, H + λI = (PLP)(PLP)ᵀ with PLP upper triangular, so H⁻¹ = (PL⁻¹P)ᵀ(PL⁻¹P) and U = PL⁻¹P
+    (the upper factor with a positive diagonal is unique): one factorization and one triangular inverse.
+    "inverse" factorizes H, inverts it from its factor and factorizes the inverse, as the reference code
+    does. Both are equally accurate (docs/BENCHMARKS.md, issue 6); they round differently.
 
     When a factorization fails the relative damping is multiplied by ten and the attempt repeated (each
     raise is logged); after ``DAMPING_STEPS`` failures a ``SparseGPTError`` is raised. Returns U and the
     relative damping that succeeded.
     """
-    if not torch.isfinite(hessian).all():
+    if factorization not in FACTORIZATIONS:
+        raise SparseGPTError(f"factorization must be one of {', '.join(FACTORIZATIONS)}, got {factorization!r}")
+    if not _all_finite(hessian):
         raise SparseGPTError("the Hessian has NaN or Inf entries (non-finite layer inputs)")
     diagonal = hessian.diagonal().clone()
     mean_diagonal = diagonal.mean()
@@ -101,19 +116,52 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
         # temporary is dropped once the next exists: (cols, cols) matrices are the largest memory cost
         # of pruning a wide layer
         hessian.diagonal().copy_(diagonal + damp * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(hessian)
+        upper = _upper_inverse_factor(hessian, factorization)
         hessian.diagonal().copy_(diagonal)
-        if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, damp
+        if upper is not None and _all_finite(upper):
+            return upper, damp
         if step < DAMPING_STEPS:
             log.warning("Cholesky factorization failed with damping %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
     raise SparseGPTError(f"Hessian is not positive definite even with relative damping {damp:.3g}")
+
+
+def _upper_inverse_factor(hessian: torch.Tensor, factorization: str) -> torch.Tensor | None:
+    """U with H⁻¹ = UᵀU (see ``inverse_hessian_cholesky``), or None where a factorization fails."""
+    if factorization == "reversed":
+        lower, info = torch.linalg.cholesky_ex(hessian.flip(0, 1))
+        return lower_triangular_inverse(lower).flip(0, 1) if info == 0 else None
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if info != 0:
+        return None
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    return upper if info == 0 else None
+
+
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """L⁻¹ of a lower triangular matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
+
+    Two matrix products per level (a third of the arithmetic of solving against the identity, at the
+    matrix-multiply rate); blocks of at most ``leaf`` rows are solved directly."""
+    size = lower.shape[0]
+    if size <= leaf:
+        identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, identity, upper=False)
+    half = size // 2
+    inverse = torch.zeros_like(lower)
+    inverse[:half, :half] = lower_triangular_inverse(lower[:half, :half], leaf)
+    inverse[half:, half:] = lower_triangular_inverse(lower[half:, half:], leaf)
+    inverse[half:, :half] = inverse[half:, half:] @ (lower[half:, :half] @ inverse[:half, :half])
+    inverse[half:, :half].neg_()
+    return inverse
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    """No NaN or infinity in ``matrix``: then (and only then, for float32 entries, whose float64 sum cannot
+    overflow) the float64 sum is finite. One reading pass, without a boolean copy of the matrix."""
+    return bool(torch.isfinite(matrix.sum(dtype=torch.float64)))
 
 
 def sparsegpt_prune(
@@ -125,6 +173,7 @@ def sparsegpt_prune(
     damp: float = 0.01,
     grid: QuantGrid | None = None,
     mask: torch.Tensor | None = None,
+    factorization: str = "reversed",
 ) -> SolveResult:
     """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs.
 
@@ -132,7 +181,8 @@ def sparsegpt_prune(
     jointly over the block's rows and columns. With ``pattern`` (N:M), ``sparsity`` is ignored and the N
     weights of lowest saliency in every group of M inputs of each row are pruned. With ``mask`` (rows, cols,
     True = prune) the mask is given, not chosen, and the sweep only compensates. With ``grid``, kept
-    weights are also quantized. Computes in float64 when ``weight`` is float64, else in float32.
+    weights are also quantized. ``factorization`` picks how U is computed (``inverse_hessian_cholesky``).
+    Computes in float64 when ``weight`` is float64, else in float32.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     rows, cols = weight.shape
@@ -140,47 +190,101 @@ def sparsegpt_prune(
         raise SparseGPTError(f"block size {blocksize} and input width {cols} must be multiples of M={pattern.m}")
     group = _check_groups(grid, cols, blocksize) if grid is not None else cols
     hessian, dead = prepare_hessian(hessian.to(compute))
-    inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp)
-    weight = weight.to(compute).clone()
+    inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp, factorization)
+    # W and its mask are held transposed, (cols, rows): the sweep reads and updates whole columns of W,
+    # each then one contiguous vector, and a lazy block is a slice of rows
+    columns = weight.T.to(compute, copy=True, memory_format=torch.contiguous_format)
     preset = mask
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device) if preset is None else preset.clone()
+    if preset is None:
+        column_mask = torch.zeros(cols, rows, dtype=torch.bool, device=weight.device)
+    else:
+        column_mask = preset.T.contiguous()
     scales = torch.zeros(rows, -(-cols // group), dtype=compute, device=weight.device)
     zeros = torch.zeros_like(scales)
 
+    step = _sub_block(blocksize, pattern, grid, group)
     block_starts = list(range(0, cols, blocksize))
     block_counts = split_count(sparsity, [rows * min(blocksize, cols - start) for start in block_starts])
     for block_start, block_prune in zip(block_starts, block_counts):
         block_end = min(block_start + blocksize, cols)
-        block = weight[:, block_start:block_end].clone()
-        block_mask = mask[:, block_start:block_end]
+        width = block_end - block_start
+        block = columns[block_start:block_end]
+        block_mask = column_mask[block_start:block_end]
         block_inverse = inverse_cholesky[block_start:block_end, block_start:block_end]
         block_errors = torch.zeros_like(block)
         diagonal = block_inverse.diagonal()
         if pattern is None and preset is None:
-            block_mask[:] = lowest_k(block.square() / diagonal.square(), block_prune)
-        for column in range(block_end - block_start):
-            if pattern is not None and preset is None and column % pattern.m == 0:
-                span = slice(column, column + pattern.m)
-                block_mask[:, span] = n_of_m(block[:, span].square() / diagonal[span].square(), pattern.n, pattern.m)
-            kept = block[:, column].masked_fill(block_mask[:, column], 0.0)
-            if grid is not None:
-                index, offset = divmod(block_start + column, group)
-                if offset == 0:  # the group starts here: its columns right of the block are up to date too
-                    beyond = weight[:, block_end : block_start + column + group]
-                    current = torch.cat([block[:, column : column + group], beyond], dim=1)
-                    scales[:, index], zeros[:, index] = fit_grid(current, grid)
-                scale, zero = scales[:, index], zeros[:, index]
-                rounded = dequantize(quantize(kept, scale, zero, grid.max_code), scale, zero)
-                kept = rounded.masked_fill(block_mask[:, column], 0.0)
-            error = (block[:, column] - kept) / diagonal[column]
-            block[:, column:].addr_(error, block_inverse[column, column:], alpha=-1.0)
-            block[:, column] = kept
-            block_errors[:, column] = error
-        weight[:, block_start:block_end] = block
-        weight[:, block_end:].addmm_(block_errors, inverse_cholesky[block_start:block_end, block_end:], alpha=-1.0)
+            # scores in W's own (row-major) order: equal scores go by position as everywhere else
+            scores = (block.square() / diagonal.square().unsqueeze(1)).T
+            block_mask.copy_(lowest_k(scores, block_prune).T)
+        # A removed weight's error scaled by 1 / [U]_cc; kept weights (without a grid) carry none.
+        prune_scale = block_mask / diagonal.unsqueeze(1)
+        # Second level of laziness: a column's update goes at once only to the rest of its sub-block of
+        # ``step`` columns; each finished sub-block updates the rest of the block in one matrix product.
+        for sub_start in range(0, width, step):
+            sub_end = min(sub_start + step, width)
+            for column in range(sub_start, sub_end):
+                if pattern is not None and preset is None and column % pattern.m == 0:
+                    span = slice(column, column + pattern.m)
+                    scores = block[span].square() / diagonal[span].square().unsqueeze(1)
+                    block_mask[span] = lowest_along(scores, pattern.n, dim=0)
+                    torch.div(block_mask[span], diagonal[span].unsqueeze(1), out=prune_scale[span])
+                error = block_errors[column]
+                if grid is None:
+                    # the column keeps its value where kept (nothing to its right changes it any more)
+                    torch.mul(block[column], prune_scale[column], out=error)
+                else:
+                    kept = _quantized(columns, block_start + column, block_mask[column], scales, zeros, grid, group)
+                    torch.div(block[column] - kept, diagonal[column], out=error)
+                    block[column] = kept
+                block[column + 1 : sub_end].addr_(block_inverse[column, column + 1 : sub_end], error, alpha=-1.0)
+            if sub_end < width:
+                update = block_inverse[sub_start:sub_end, sub_end:].T
+                block[sub_end:].addmm_(update, block_errors[sub_start:sub_end], alpha=-1.0)
+        block.masked_fill_(block_mask, 0.0)
+        tail = inverse_cholesky[block_start:block_end, block_end:]
+        columns[block_end:].addmm_(tail.T, block_errors, alpha=-1.0)
+    weight, mask = columns.T.contiguous(), column_mask.T.contiguous()
     if grid is None:
         return SolveResult(weight=weight, mask=mask, damp=damp, dead_inputs=int(dead.sum()))
     return SolveResult(weight, mask, damp, int(dead.sum()), scales, zeros)
+
+
+SUB_BLOCK = 16
+"""Columns per sub-block of the lazy block (see ``_sub_block``)."""
+
+
+def _sub_block(blocksize: int, pattern: NMPattern | None, grid: QuantGrid | None, group: int) -> int:
+    """The widest sub-block of at most ``SUB_BLOCK`` columns that keeps the sweep exact: an N:M group must
+    not straddle two sub-blocks (its mask is chosen from its columns as they are at its first column), and
+    a quantization group that starts inside a lazy block must start a sub-block (its grid is fitted on
+    columns that must have received every update from the left). Without one, the whole lazy block."""
+    for step in range(min(SUB_BLOCK, blocksize), 0, -1):
+        whole_groups = pattern is None or step % pattern.m == 0
+        aligned_grid = grid is None or group % blocksize == 0 or group % step == 0
+        if whole_groups and aligned_grid:
+            return step
+    return blocksize
+
+
+def _quantized(
+    columns: torch.Tensor,
+    column: int,
+    pruned: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    grid: QuantGrid,
+    group: int,
+) -> torch.Tensor:
+    """Column ``column`` of W (held transposed, (cols, rows)) rounded to its group's grid, ``pruned``
+    weights zero; fits the grid where the sweep reaches the first column of a quantization group (whose
+    columns have then received every update from the left, see ``_sub_block``)."""
+    index, offset = divmod(column, group)
+    if offset == 0:
+        scales[:, index], zeros[:, index] = fit_grid(columns[column : column + group].T, grid)
+    scale, zero = scales[:, index], zeros[:, index]
+    rounded = dequantize(quantize(columns[column], scale, zero, grid.max_code), scale, zero)
+    return rounded.masked_fill(pruned, 0.0)
 
 
 def _check_groups(grid: QuantGrid, cols: int, blocksize: int) -> int:
