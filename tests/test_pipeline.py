@@ -69,6 +69,25 @@ def test_bfloat16_model_prunes_with_float32_statistics(pattern):
     assert torch.isfinite(model(calibration(2)).logits.float()).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bfloat16_forward_passes_keep_float32_weights_and_close_errors(arch):
+    """--forward-dtype bfloat16: the forwards run under autocast, yet the weights stay fp32, the Hessians
+    see the inputs the bf16 forward produced, and every layer's error stays close to the fp32 run's."""
+    plain, fast = tiny_model(arch), tiny_model(arch)
+    exact = prune_model(plain, PruneConfig(blocksize=16), calibration())
+    records = prune_model(fast, PruneConfig(blocksize=16, forward_dtype="bfloat16"), calibration())
+    for block in find_blocks(fast):
+        for weight in block.weights:
+            assert weight.matrix().dtype == torch.float32
+            assert_pruned(weight.matrix(), 0.5, None, weight.name)
+    for mine, reference in zip(records, exact):
+        assert mine.error == pytest.approx(reference.error, rel=0.1, abs=0.01), mine.name
+    # autocast really ran: the first block's statistics come from bf16 activations, so results differ
+    assert any(mine.error != reference.error for mine, reference in zip(records, exact))
+    with pytest.raises(SparseGPTError, match="unknown forward dtype 'int8'"):
+        PruneConfig(forward_dtype="int8")
+
+
 def test_restored_model_prunes_like_a_fresh_one():
     """Pruning leaves no state behind: a model restored after earlier prunes prunes bit for bit like a fresh one."""
     model = tiny_model("llama")

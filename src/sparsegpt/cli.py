@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sparsegpt.config import ALLOCATIONS, METHODS, PruneConfig, parse_override
+from sparsegpt.config import ALLOCATIONS, FORWARD_DTYPES, METHODS, PruneConfig, parse_override
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import NMPattern
@@ -77,6 +77,12 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="up to N conjugate-gradient steps towards the best kept weights for each layer's mask",
+    )
+    parser.add_argument(
+        "--forward-dtype",
+        default=None,
+        choices=FORWARD_DTYPES,
+        help="run the calibration forward passes in this precision (autocast); Hessians and solves stay float32",
     )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
@@ -213,6 +219,7 @@ def _config(args: argparse.Namespace, method: str) -> PruneConfig:
         mask_score=args.mask_score,
         repair=args.repair,
         refine=args.refine,
+        forward_dtype=args.forward_dtype,
         **quantization,
     )
 

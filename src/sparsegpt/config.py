@@ -11,6 +11,7 @@ from sparsegpt.solver.quant import QuantGrid
 from sparsegpt.solver.refine import MASK_SCORES
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+FORWARD_DTYPES = ("bfloat16", "float16")
 ALLOCATIONS = ("uniform", "owl")
 
 
@@ -28,6 +29,9 @@ class PruneConfig:
     spread over ±``owl_lambda``), keeping the model's total exactly; ``mask_score`` fixes the mask from
     Wanda's or RIA's saliency before the sweep instead of choosing it adaptively; ``repair`` rounds of
     prune-and-grow swaps and ``refine`` conjugate-gradient steps then lower each layer's error further.
+
+    ``forward_dtype`` ("bfloat16" or "float16") runs the calibration forward passes under autocast in that
+    precision (matrix products in it, weights kept as they are); Hessians and solves stay in float32.
     """
 
     method: str = "sparsegpt"
@@ -49,6 +53,7 @@ class PruneConfig:
     mask_score: str = "sparsegpt"
     repair: int = 0
     refine: int = 0
+    forward_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +80,10 @@ class PruneConfig:
             raise SparseGPTError(f"block size {self.blocksize} must be a multiple of M={self.pattern.m}")
 
     def _check_options(self) -> None:
+        if self.forward_dtype is not None and self.forward_dtype not in FORWARD_DTYPES:
+            raise SparseGPTError(
+                f"unknown forward dtype {self.forward_dtype!r}; choose one of {', '.join(FORWARD_DTYPES)}"
+            )
         if self.allocation not in ALLOCATIONS:
             raise SparseGPTError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.mask_score not in MASK_SCORES:

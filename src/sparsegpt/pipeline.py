@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -353,6 +354,13 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
         raise SparseGPTError(f"activations became NaN or Inf {where}")
 
 
+def forward_precision(forward_dtype: str | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``forward_dtype`` for block forwards (see ``PruneConfig.forward_dtype``), or nothing."""
+    if forward_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
+
+
 def observe_block(
     block: Block,
     weights: list[LinearWeight],
@@ -361,18 +369,19 @@ def observe_block(
     device: torch.device,
     full: bool = True,
     outputs: list[torch.Tensor] | None = None,
+    forward_dtype: str | None = None,
 ) -> dict[str, InputStatistics]:
     """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics
     (full Gram matrices, or only column norms when ``full`` is False); the block's outputs are appended to
-    ``outputs`` when given."""
+    ``outputs`` when given. ``forward_dtype``: see ``forward_precision``."""
     observer = LinearInputObserver(weights, device, full)
-    with observer:
+    with observer, forward_precision(forward_dtype, device):
         for states, call in zip(hidden, calls):
             observer.next_batch()
             output = call.run(block.module, states)
             _check_finite(output, f"in {block.name} (dense)")
             if outputs is not None:
-                outputs.append(output)
+                outputs.append(output.to(states.dtype))
     return observer.statistics
 
 
@@ -388,9 +397,8 @@ def owl_plan(
     ratios = []
     for index, (block, chosen) in enumerate(plan):
         outputs: list[torch.Tensor] = []
-        statistics = observe_block(
-            block, [weight for weight, _ in chosen], hidden, calls[index], device, False, outputs
-        )
+        weights = [weight for weight, _ in chosen]
+        statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, config.forward_dtype)
         if ranks is not None:
             ranks.check_statistics_names(list(statistics))
             ranks.sum_statistics(statistics)
@@ -412,10 +420,16 @@ def owl_plan(
     ]
 
 
-def advance_block(block: Block, hidden: list[torch.Tensor], calls: list[BlockCall]) -> None:
+def advance_block(
+    block: Block, hidden: list[torch.Tensor], calls: list[BlockCall], forward_dtype: str | None = None
+) -> None:
     """Replace each batch's hidden states, in place, by ``block``'s outputs (the next block's inputs)."""
     for batch, (states, call) in enumerate(zip(hidden, calls)):
-        hidden[batch] = call.run(block.module, states)
+        device = states.device
+        with forward_precision(forward_dtype, device):
+            output = call.run(block.module, states)
+        # the next block gets its inputs in the precision they came in
+        hidden[batch] = output.to(states.dtype)
         _check_finite(hidden[batch], f"after pruning {block.name}")
 
 
@@ -472,7 +486,11 @@ def prune_block(
     then (with ``advance``) replace ``hidden`` by the pruned block's outputs. With ``ranks``, the batches
     are this process's share: statistics are summed over processes and the solves divided among them."""
     weights = [weight for weight, _ in chosen]
-    statistics = observe_block(block, weights, hidden, calls, device, config.needs_hessian) if calls else {}
+    statistics = {}
+    if calls:
+        statistics = observe_block(
+            block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=config.forward_dtype
+        )
     if ranks is not None and calls:
         ranks.check_statistics_names(list(statistics))
         ranks.sum_statistics(statistics)
@@ -494,5 +512,5 @@ def prune_block(
                 weight.write(weight_now)
         records.append(solved[position])
     if advance:
-        advance_block(block, hidden, calls)
+        advance_block(block, hidden, calls, config.forward_dtype)
     return records

