@@ -98,6 +98,7 @@ def main() -> None:
     from sparsegpt import PruneConfig, assets, data
     from sparsegpt.api import calibration_windows, versions
     from sparsegpt.evaluate import perplexity
+    from sparsegpt.models import load_pretrained
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_folder = assets.model_folder("smollm2-135m")
@@ -118,7 +119,7 @@ def main() -> None:
             mine = [row for row in runs if row["side"] == side]
             level[f"{side}_seconds"] = statistics.median(row["prune_seconds"] for row in mine)
             level[f"{side}_peak_rss_gib"] = max(row["peak_rss_gib"] for row in mine)
-            pruned, _, _ = sparsegpt.load_model(str(args.out / f"{side}-{pattern.replace(':', '-')}"))
+            pruned = load_pretrained(args.out / f"{side}-{pattern.replace(':', '-')}", dtype="float32")
             level[f"{side}_ppl"] = perplexity(pruned, test)
         level["time_ratio"] = level["ours_seconds"] / level["peer_seconds"]
         level["memory_ratio"] = level["ours_peak_rss_gib"] / level["peer_peak_rss_gib"]

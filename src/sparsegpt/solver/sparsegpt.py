@@ -164,6 +164,7 @@ def _all_finite(matrix: torch.Tensor) -> bool:
     return bool(torch.isfinite(matrix.sum(dtype=torch.float64)))
 
 
+@torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
