@@ -13,6 +13,7 @@ from sparsegpt.solver import (
     lowest_k,
     lowest_k_per_row,
     magnitude_prune,
+    masks,
     n_of_m,
     pruned_count,
     relative_output_error,
@@ -120,6 +121,30 @@ def test_ties_go_by_position_so_every_device_picks_the_same_mask():
     assert lowest_k(scores, 4).tolist() == [[False, True, True, False], [True, False, True, False]]
     assert n_of_m(scores, 2, 4).tolist() == [[False, True, True, False], [True, False, True, False]]
     assert lowest_k(scores, 0).sum() == 0 and lowest_k(scores, 8).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (7, 8), (0, 4)]),
+    levels=st.integers(1, 5),  # few distinct scores: many ties
+    nan=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_n_of_m_by_ranks_equals_the_stable_sort(rows, nm, levels, nan, seed):
+    n, m = nm
+    scores = torch.randint(0, levels, (rows, 3 * m), generator=torch.Generator().manual_seed(seed)).float()
+    if nan:
+        scores[0, 0] = float("nan")  # the largest score, both ways
+    ranked = n_of_m(scores, n, m)
+    original = masks.PAIRWISE_ENTRIES
+    try:
+        masks.PAIRWISE_ENTRIES = 0  # forces the stable sort
+        sorted_mask = n_of_m(scores, n, m)
+    finally:
+        masks.PAIRWISE_ENTRIES = original
+    assert torch.equal(ranked, sorted_mask)
+    assert bool((ranked.view(rows, 3, m).sum(dim=2) == n).all())
 
 
 def test_ties_never_over_prune():

@@ -377,6 +377,8 @@ def decode_tensor(
     target = out.view(rows, cols) if direct else torch.empty(rows, cols, dtype=dtype)
     kernel = _kernel() if native else None
     if kernel is not None and (grid is None or (dtype in _OUT_KINDS and bool(torch.isfinite(scales).all()))):
+        parts = (mask_part, positions_part, values, codes, scales, zeros)
+        mask_part, positions_part, values, codes, scales, zeros = (_contiguous(part) for part in parts)
         marked = kernel.sgpt_decode(
             rows, cols, _LAYOUTS[encoding], _pointer(mask_part), _pointer(positions_part),
             0 if positions_part is None else positions_part.numel(), pattern[1] if pattern else 0,
@@ -466,11 +468,13 @@ def native_decoding() -> bool:
     return _kernel() is not None
 
 
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.contiguous()
+
+
 def _pointer(tensor: torch.Tensor | None) -> int | None:
-    if tensor is None:
-        return None
-    assert tensor.is_contiguous()
-    return tensor.data_ptr()
+    """The address the kernel reads ``tensor`` at (which must be contiguous, and stay alive for the call)."""
+    return None if tensor is None else tensor.data_ptr()
 
 
 def part_bytes(parts: dict[str, torch.Tensor]) -> int:
