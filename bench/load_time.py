@@ -2,6 +2,7 @@
 
     python bench/load_time.py PLAIN COMPACT [--repeats 9]
     python bench/load_time.py --build DIR [--repeats 9]
+    python bench/load_time.py PLAIN COMPACT --per-tensor NAME [--repeats 30]   # ns per weight, per decoder
 
 ``--build DIR`` first makes the four pairs the figures in docs/BENCHMARKS.md use, from the default model in
 bf16 (seconds, no calibration): every decoder linear weight 50% magnitude-pruned per row (DIR/sparse), the
@@ -10,7 +11,7 @@ with 2:4 magnitude masks (DIR/2-4, DIR/2-4+quant); each as a plain folder and it
 time depends on the layout, not on the values.
 
 Both are loaded with ``sparsegpt.load_pretrained`` in their stored dtype, in this process, after the
-allocator tuning that the CLI applies.
+allocator tuning that the CLI applies. ``--no-native`` and ``--portable`` time the fallbacks.
 """
 
 from __future__ import annotations
@@ -72,11 +73,30 @@ def build(root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def per_tensor(folder: Path, name: str, repeats: int) -> None:
+    """Median time per weight to decode one tensor from its (already read) parts, by each decoder."""
+    torch.set_num_threads(1)
+    manifest = compact_format.read_manifest(folder)
+    with compact_format.opened_entries(folder, manifest) as entries:
+        entry, read = next((entry, read) for key, entry, read in entries if key == name)
+        parts = {key: read(key) for key in entry["crc32"]}
+    out = torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+    row = {"tensor": name, "encoding": entry["encoding"], "quantized": "quant" in entry}
+    for decoder, options in {"vector": {}, "portable": {"vector": False}, "python": {"native": False}}.items():
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            compact_format.decode_tensor(name, entry, parts.__getitem__, out=out, **options)
+            seconds.append(time.perf_counter() - started)
+        row[f"{decoder}_ns_per_weight"] = round(statistics.median(seconds) / out.numel() * 1e9, 3)
+    print(json.dumps(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plain", type=Path, nargs="?")
     parser.add_argument("compact", type=Path, nargs="?")
-    parser.add_argument("--build", type=Path, metavar="DIR", help="make the two pairs under DIR, then time them")
+    parser.add_argument("--build", type=Path, metavar="DIR", help="make the four pairs under DIR, then time them")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument(
         "--no-native", action="store_true", help="decode with the numpy/torch reader, as without a C compiler"
@@ -84,7 +104,17 @@ def main() -> None:
     parser.add_argument(
         "--portable", action="store_true", help="native kernel without its AVX-512 loops, as on other processors"
     )
+    parser.add_argument(
+        "--per-tensor",
+        metavar="NAME",
+        help="instead: decode this tensor of COMPACT with each decoder on one thread (ns per weight)",
+    )
     args = parser.parse_args()
+    if args.per_tensor:
+        if not args.compact:
+            parser.error("--per-tensor needs PLAIN and COMPACT")
+        per_tensor(args.compact, args.per_tensor, args.repeats)
+        return
     if args.portable:
         compact_format.decode_tensor = functools.partial(compact_format.decode_tensor, vector=False)
     if args.no_native:

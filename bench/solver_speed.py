@@ -13,6 +13,10 @@ Run it with the peer's interpreter and this project's sources on the path:
 
 (``python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 && /tmp/lcvenv/bin/pip
 install llmcompressor==0.14.0.1 transformers==5.17.0``). Prints one JSON line per case and a Markdown table.
+
+``--accuracy`` instead compares the three float32 solutions (the peer's, ours with each factorization)
+with a float64 solve of the same problem: the share of mask entries each shares with it, and each one's
+layer loss Σ (ŵ − w)ᵀ H (ŵ − w) relative to the float64 solution's (``--seeds`` problems per shape).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
 from sparsegpt.solver import NMPattern, sparsegpt_prune
+from sparsegpt.solver.baselines import layer_loss
 
 SHAPES = "576x576,192x576,1536x576,576x1536,4096x4096,11008x4096,4096x11008"
 
@@ -65,12 +70,40 @@ def timed(solve, weight, hessian, pattern) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - started, result
 
 
+def accuracy(shapes: str, patterns: str, seeds: str) -> None:
+    """Each float32 solution against a float64 solve: shared mask entries and relative layer loss."""
+    solvers = {"peer": peer, "ours": ours, "ours_inverse": ours_reference_factorization}
+    print("| W shape | seed | pattern | " + " | ".join(f"{name}: same mask, loss" for name in solvers) + " |")
+    print("|---|---|---|" + "---|" * len(solvers))
+    for shape in shapes.split(","):
+        rows, cols = (int(size) for size in shape.split("x"))
+        for seed in (int(text) for text in seeds.split(",")):
+            weight, hessian = problem(rows, cols, seed)
+            for text in patterns.split(","):
+                pattern = None if text == "none" else NMPattern.parse(text)
+                exact = sparsegpt_prune(weight.double(), hessian.double(), 0.5, pattern, 128, 0.01).weight
+                exact_loss = layer_loss(exact, weight, hessian)
+                row = {"shape": shape, "seed": seed, "pattern": text}
+                for name, solve in solvers.items():
+                    solved = solve(weight, hessian, pattern).detach()
+                    row[f"{name}_mask_agreement"] = float(((solved == 0) == (exact == 0)).float().mean())
+                    row[f"{name}_loss_ratio"] = layer_loss(solved, weight, hessian) / exact_loss
+                print(json.dumps(row), flush=True)
+                cells = [f"{row[f'{name}_mask_agreement']:.6f}, {row[f'{name}_loss_ratio']:.4f}" for name in solvers]
+                print(f"| {shape} | {seed} | {text} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=SHAPES, help="ROWSxCOLS of W, comma-separated")
     parser.add_argument("--patterns", default="none,2:4")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--accuracy", action="store_true", help="compare with a float64 solve instead of timing")
+    parser.add_argument("--seeds", default="0,1", help="problems per shape for --accuracy")
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args.shapes, args.patterns, args.seeds)
+        return
     rows_out = []
     for shape in args.shapes.split(","):
         rows, cols = (int(size) for size in shape.split("x"))

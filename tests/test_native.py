@@ -126,8 +126,7 @@ def test_decoding_into_another_dtype_and_transposed_matches():
 
 def test_non_finite_scales_decode_as_torch_does():
     # the kernel leaves these to the Python reader (NaN payloads), which must still be what is stored
-    keep = torch.ones(2, 8, dtype=torch.bool)
-    tensor, quant = on_grid(2, 8, 4, None, False, torch.float32, keep, 0)
+    _, quant = on_grid(2, 8, 4, None, False, torch.float32, torch.ones(2, 8, dtype=torch.bool), 0)
     quant.scales[1, 0] = float("inf")
     tensor = dequantize_groups(torch.full((2, 8), 3, dtype=torch.uint8), quant.scales, quant.zeros, 8)
     entry, parts = encode_tensor("w", tensor, quant)

@@ -425,8 +425,7 @@ def advance_block(
 ) -> None:
     """Replace each batch's hidden states, in place, by ``block``'s outputs (the next block's inputs)."""
     for batch, (states, call) in enumerate(zip(hidden, calls)):
-        device = states.device
-        with forward_precision(forward_dtype, device):
+        with forward_precision(forward_dtype, states.device):
             output = call.run(block.module, states)
         # the next block gets its inputs in the precision they came in
         hidden[batch] = output.to(states.dtype)
