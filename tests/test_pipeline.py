@@ -4,10 +4,12 @@ import copy
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from sparsegpt import PruneConfig, prune_model
+from sparsegpt import PruneConfig, pipeline, prune_model
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import find_blocks
+from sparsegpt.pipeline import resolve_forward_dtype
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
 
 from tiny import ARCHITECTURES, VOCAB, tiny_model
@@ -88,6 +90,44 @@ def test_bfloat16_forward_passes_keep_float32_weights_and_close_errors(arch):
         PruneConfig(forward_dtype="int8")
 
 
+def test_auto_forward_precision_is_bf16_only_for_float32_models_on_native_bf16_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(pipeline, "native_bfloat16", lambda device, native=native: native)
+        assert resolve_forward_dtype("auto", torch.float32, cpu) == ("bfloat16" if native else None)
+        assert resolve_forward_dtype("auto", torch.bfloat16, cpu) is None  # already 16-bit
+        assert resolve_forward_dtype("auto", torch.float64, cpu) is None  # asked for exactness
+        assert resolve_forward_dtype("none", torch.float32, cpu) is None
+        assert resolve_forward_dtype(None, torch.float32, cpu) is None
+        assert resolve_forward_dtype("float16", torch.float32, cpu) == "float16"
+    # "auto" prunes, whichever precision it resolves to on this machine
+    model = tiny_model("llama")
+    records = prune_model(model, PruneConfig(blocksize=16, forward_dtype="auto"), calibration())
+    assert all(0 <= record.error < 1 for record in records)
+
+
+def test_layers_reading_the_same_inputs_share_one_factorization(monkeypatch):
+    """q/k/v and gate/up read one tensor each: a llama block needs 4 factorizations, not 7; the weights come
+    out exactly as when every layer factorizes its own copy of the Hessian."""
+    calls = []
+    factorize = pipeline.inverse_factor
+    monkeypatch.setattr(
+        pipeline, "inverse_factor", lambda *args, **kwargs: calls.append(1) or factorize(*args, **kwargs)
+    )
+    shared, alone = tiny_model("llama"), tiny_model("llama")
+    prune_model(shared, PruneConfig(blocksize=16), calibration())
+    blocks = find_blocks(shared)
+    assert len(calls) == 4 * len(blocks)
+    monkeypatch.setattr(
+        pipeline,
+        "_shared_factor",
+        lambda factors, stats, hessian, config, dtype, last: factorize(hessian, config.damp, dtype=dtype),
+    )
+    prune_model(alone, PruneConfig(blocksize=16), calibration())
+    for mine, reference in zip(shared.state_dict().values(), alone.state_dict().values()):
+        assert torch.equal(mine, reference)
+
+
 def test_restored_model_prunes_like_a_fresh_one():
     """Pruning leaves no state behind: a model restored after earlier prunes prunes bit for bit like a fresh one."""
     model = tiny_model("llama")
@@ -159,6 +199,33 @@ def test_layers_reading_one_input_share_statistics():
     assert stats["gate_proj"] is stats["up_proj"]
     assert stats["o_proj"] is not stats["q_proj"] and stats["down_proj"] is not stats["gate_proj"]
     assert stats["q_proj"].tokens == 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_observing_stops_each_forward_after_the_last_weight_input(arch):
+    """From the second batch on, the dense forward ends at the last linear layer's input: the statistics
+    are those of whole forwards, with one matrix product (and what follows it) fewer per batch."""
+    model = tiny_model(arch)
+    block = find_blocks(model)[0]
+    batches = list(calibration(6, 16).split(2))
+    hidden, calls = pipeline.capture_block_inputs(model, find_blocks(model), batches)
+    products = []
+
+    class Products(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.nn.functional.linear, torch.addmm):
+                products.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        whole = pipeline.observe_block(block, block.weights, hidden, calls[0], torch.device("cpu"), outputs=[])
+        whole_products = len(products)
+        products.clear()
+        cut = pipeline.observe_block(block, block.weights, hidden, calls[0], torch.device("cpu"))
+    assert whole_products > 0 and len(products) == whole_products - (len(batches) - 1)
+    assert whole.keys() == cut.keys()
+    for name in whole:
+        assert torch.equal(whole[name].gram, cut[name].gram) and whole[name].tokens == cut[name].tokens
 
 
 def test_overrides_skip_and_set_sparsity():

@@ -9,6 +9,8 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver import (
     InputStatistics,
     NMPattern,
+    gram,
+    inverse_factor,
     inverse_hessian_cholesky,
     lowest_k,
     lowest_k_per_row,
@@ -74,6 +76,64 @@ def test_norms_only_statistics_match_the_gram_diagonal():
         norms.hessian()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("tokens", "width"), [(1, 1), (37, 5), (512, 96), (300, 130), (64, 600)])
+def test_gram_sums_exact_products_on_the_upper_block_triangle(dtype, native, tokens, width, monkeypatch):
+    if not native:
+        monkeypatch.setattr(gram, "_routine", lambda _: None)
+    rows = torch.randn(tokens, width).to(dtype)
+    edges = gram.triangle_edges(width, 128)
+    result = torch.zeros(width, width)
+    gram.add_gram(result, rows, edges)
+    gram.add_gram(result, rows[: tokens // 2], edges)
+    widened = rows.to(torch.float64)  # 16-bit products are exact in float32; only the sums round
+    expected = widened.T @ widened + widened[: tokens // 2].T @ widened[: tokens // 2]
+    for start, end in zip(edges, edges[1:]):  # below the diagonal blocks: untouched until mirrored
+        assert not result[end:, start:end].any()
+    torch.testing.assert_close(gram.mirror_gram(result, edges).double(), expected, rtol=1e-5, atol=1e-5 * tokens)
+    assert len(edges) - 1 == max(1, width // 128)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_products_take_strided_views_and_other_precisions(native, monkeypatch):
+    if not native:
+        monkeypatch.setattr(gram, "_routine", lambda _: None)
+    rows = torch.randn(64, 40).to(torch.bfloat16)
+    out = torch.ones(30, 50)
+    block = out[5:25, 10:30]  # a view with a row stride of 50
+    gram.add_product(block, rows[:, ::2], rows[:, 3:23])  # a strided and a sliced operand
+    expected = torch.ones(30, 50)
+    expected[5:25, 10:30] += rows[:, ::2].float().T @ rows[:, 3:23].float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    exact = torch.randn(30, 6, dtype=torch.float64)
+    result64 = torch.zeros(6, 6, dtype=torch.float64)
+    gram.add_product(result64, exact, exact)
+    torch.testing.assert_close(result64, exact.T @ exact, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_builds_with_mkl_give_the_native_mixed_precision_product():
+    # without it bf16 Hessians still come out right (widened to float32), only several times slower
+    if torch.backends.mkl.is_available():
+        assert gram.native_mixed_gram(torch.bfloat16) and gram.native_mixed_gram(torch.float16)
+    assert not gram.native_mixed_gram(torch.float32)
+
+
+@pytest.mark.parametrize("width", [24, 600])  # 600: the Gram matrix is summed in two blocks of rows
+def test_statistics_with_16_bit_operands_see_the_rounded_inputs(width):
+    inputs = torch.randn(3, 50, width)
+    stats = InputStatistics(width, operands=torch.bfloat16)
+    norms = InputStatistics(width, operands=torch.bfloat16, full=False)
+    for batch in inputs:
+        stats.add(batch)
+        norms.add(batch)
+    rounded = inputs.reshape(-1, width).to(torch.bfloat16).double()
+    expected = 2 * rounded.T @ rounded / 150
+    torch.testing.assert_close(stats.hessian().double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.take_hessian().double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norms.column_norms().double(), rounded.norm(dim=0), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 @pytest.mark.parametrize("cols", [24, 600])  # 600: the triangular inverse recurses (blocks of 256)
 def test_inverse_cholesky_factor_gives_the_damped_inverse(factorization, cols):
@@ -85,6 +145,18 @@ def test_inverse_cholesky_factor_gives_the_damped_inverse(factorization, cols):
     # the upper factor with a positive diagonal is unique: both ways give the same U
     other = inverse_hessian_cholesky(hessian, 0.01, "inverse" if factorization == "reversed" else "reversed")[0]
     torch.testing.assert_close(upper, other)
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_a_shared_inverse_factor_solves_exactly_like_the_hessian(pattern):
+    weight, hessian, _ = problem(12, 40, dead=[3])
+    factor = inverse_factor(hessian, 0.01, dtype=torch.float64)
+    assert factor.dead.sum() == 1
+    for rows in (weight, weight[:5].flip(1)):  # two layers reading the same inputs
+        direct = sparsegpt_prune(rows, hessian, 0.5, pattern, 16, 0.01)
+        shared = sparsegpt_prune(rows, factor, 0.5, pattern, 16)
+        assert torch.equal(direct.mask, shared.mask) and torch.equal(direct.weight, shared.weight)
+        assert (direct.damp, direct.dead_inputs) == (shared.damp, shared.dead_inputs)
 
 
 @pytest.mark.parametrize("size", [1, 7, 256, 257, 700])

@@ -20,7 +20,7 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.evaluate import perplexity
 from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
 from sparsegpt.models import config_context_length, context_length, find_blocks, load_model, read_config
-from sparsegpt.pipeline import LayerRecord, overall_sparsity, prune_model
+from sparsegpt.pipeline import LayerRecord, overall_sparsity, prune_model, resolve_forward_dtype
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,11 @@ def _prepare(
 def _prune(prepared: _Prepared, config: PruneConfig, progress: bool, ranks: Ranks | None = None) -> PruneResult:
     if prepared.calibration is not None:
         config = replace(config, seqlen=prepared.calibration.shape[1])
+    parameter = next(prepared.model.parameters())
+    # the report names the precision the forwards ran in, not "auto"
+    config = replace(
+        config, forward_dtype=resolve_forward_dtype(config.forward_dtype, parameter.dtype, parameter.device)
+    )
     calibration = prepared.calibration if config.needs_calibration else None
     started = time.perf_counter()
     layers = prune_model(prepared.model, config, calibration, progress=progress, ranks=ranks)

@@ -82,7 +82,8 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         "--forward-dtype",
         default=None,
         choices=FORWARD_DTYPES,
-        help="run the calibration forward passes in this precision (autocast); Hessians and solves stay float32",
+        help="precision of the calibration forward passes (autocast); auto: bfloat16 for a float32 model where "
+        "the hardware multiplies bf16 natively, else none (the model's own). Hessians and solves stay float32",
     )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")

@@ -11,7 +11,7 @@ from sparsegpt.solver.quant import QuantGrid
 from sparsegpt.solver.refine import MASK_SCORES
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
-FORWARD_DTYPES = ("bfloat16", "float16")
+FORWARD_DTYPES = ("auto", "none", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "owl")
 
 
@@ -31,7 +31,10 @@ class PruneConfig:
     prune-and-grow swaps and ``refine`` conjugate-gradient steps then lower each layer's error further.
 
     ``forward_dtype`` ("bfloat16" or "float16") runs the calibration forward passes under autocast in that
-    precision (matrix products in it, weights kept as they are); Hessians and solves stay in float32.
+    precision (matrix products in it, weights kept as they are); the Hessians are summed in float32 from
+    the inputs as the layers multiply them, and solves stay in float32. "auto" picks bfloat16 for a float32
+    model on hardware that multiplies it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16) and the
+    model's own precision elsewhere; "none" (or None) always runs in the model's own precision.
     """
 
     method: str = "sparsegpt"

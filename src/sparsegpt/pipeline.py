@@ -30,7 +30,9 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
 from sparsegpt.solver import (
     InputStatistics,
+    InverseFactor,
     SolveResult,
+    inverse_factor,
     magnitude_prune,
     relative_output_error,
     sparsegpt_prune,
@@ -202,18 +204,41 @@ class LinearInputObserver(TorchFunctionMode):
     Weights are recognised by their storage address and shape, so the same code sees ``nn.Linear``,
     GPT-2's ``Conv1D`` and slices of fused expert banks. Weights that read the very same input tensor
     (q/k/v, gate/up) share one ``InputStatistics``; ``full=False`` keeps only the column norms.
+    ``operands``: the precision the layers multiply in under autocast (their inputs are rounded to it
+    before their products are summed), or None.
+
+    With ``stop_early``, a forward is cut short (``_StopForward``) as soon as every weight has had its
+    input: nothing after the block's last linear input (its matrix product, the residual add) is computed.
+    This starts from the second batch, and only when the first showed each weight read exactly once per
+    forward (a weight used twice, or an expert no token reached, keeps the forwards whole).
     """
 
-    def __init__(self, weights: list[LinearWeight], device: torch.device, full: bool = True) -> None:
+    def __init__(
+        self,
+        weights: list[LinearWeight],
+        device: torch.device,
+        full: bool = True,
+        operands: torch.dtype | None = None,
+        stop_early: bool = False,
+    ) -> None:
         super().__init__()
         self.by_key = {weight.key: weight for weight in weights}
         self.device = device
         self.full = full
+        self.operands = operands
         self.statistics: dict[str, InputStatistics] = {}
         self._seen: list[tuple[torch.Tensor, InputStatistics]] = []
+        self._reads: dict[str, int] = {}  # weight name -> inputs read in this forward
+        self._stop_early = stop_early
+        self._batches = 0
 
     def next_batch(self) -> None:
+        if self._batches == 1:  # the first forward ran whole: may the next ones stop early?
+            once = len(self._reads) == len(self.by_key) and all(reads == 1 for reads in self._reads.values())
+            self._stop_early = self._stop_early and once
+        self._batches += 1
         self._seen.clear()
+        self._reads.clear()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -228,6 +253,12 @@ class LinearInputObserver(TorchFunctionMode):
         weight = self.by_key.get((stored.data_ptr(), tuple(stored.shape)))
         if weight is None:
             return
+        self._accumulate(weight, inputs)
+        self._reads[weight.name] = self._reads.get(weight.name, 0) + 1
+        if self._stop_early and self._batches > 1 and len(self._reads) == len(self.by_key):
+            raise _StopForward
+
+    def _accumulate(self, weight: LinearWeight, inputs: torch.Tensor) -> None:
         shared = next((stats for seen, stats in self._seen if seen is inputs), None)
         statistics = self.statistics.get(weight.name)
         if statistics is None:
@@ -235,7 +266,9 @@ class LinearInputObserver(TorchFunctionMode):
                 self.statistics[weight.name] = shared
                 return
             dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-            statistics = self.statistics[weight.name] = InputStatistics(inputs.shape[-1], dtype, self.device, self.full)
+            operands = self.operands if dtype == torch.float32 else None
+            statistics = InputStatistics(inputs.shape[-1], dtype, self.device, self.full, operands)
+            self.statistics[weight.name] = statistics
         elif shared is statistics:
             return
         statistics.add(inputs.detach())
@@ -243,9 +276,15 @@ class LinearInputObserver(TorchFunctionMode):
 
 
 def _solve(
-    weight: LinearWeight, sparsity: float, config: PruneConfig, stats: InputStatistics | None, last: bool = False
+    weight: LinearWeight,
+    sparsity: float,
+    config: PruneConfig,
+    stats: InputStatistics | None,
+    last: bool = False,
+    factors: dict[int, InverseFactor] | None = None,
 ) -> LayerRecord:
-    """Prune one weight in place; ``last``: no other weight reads ``stats`` (its memory may be reused)."""
+    """Prune one weight in place; ``last``: no other weight reads ``stats`` (its memory may be reused).
+    ``factors`` keeps the inverse factor of statistics that later weights read too (by ``id``)."""
     started = time.perf_counter()
     compute = torch.float64 if weight.parameter.dtype == torch.float64 else torch.float32
     original = weight.matrix().detach().to(compute)  # not a copy when already in compute precision
@@ -270,11 +309,12 @@ def _solve(
         assert stats is not None
         result = wanda_prune(original, stats.column_norms(), sparsity, pattern)
     else:
-        assert hessian is not None
+        assert hessian is not None and stats is not None
         try:
+            factor = _shared_factor(factors if factors is not None else {}, stats, hessian, config, compute, last)
             result = sparsegpt_prune(
                 original,
-                hessian,
+                factor,
                 sparsity,
                 pattern,
                 config.blocksize,
@@ -317,6 +357,24 @@ def _solve(
     )
 
 
+def _shared_factor(
+    factors: dict[int, InverseFactor],
+    stats: InputStatistics,
+    hessian: torch.Tensor,
+    config: PruneConfig,
+    dtype: torch.dtype,
+    last: bool,
+) -> InverseFactor:
+    """The inverse factor of ``stats``' Hessian: computed by the first weight that reads these inputs,
+    kept for the others, given up by the last (``last``)."""
+    factor = factors.pop(id(stats), None) if last else factors.get(id(stats))
+    if factor is None:
+        factor = inverse_factor(hessian, config.damp, dtype=dtype)
+        if not last:
+            factors[id(stats)] = factor
+    return factor
+
+
 def _preset(config: PruneConfig, weight: torch.Tensor, hessian: torch.Tensor, sparsity: float) -> torch.Tensor | None:
     """The mask fixed before the sweep by ``config.mask_score`` (None: SparseGPT chooses it adaptively)."""
     if config.mask_score == "sparsegpt":
@@ -355,10 +413,37 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
 
 
 def forward_precision(forward_dtype: str | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to ``forward_dtype`` for block forwards (see ``PruneConfig.forward_dtype``), or nothing."""
+    """Autocast to ``forward_dtype`` for block forwards (a resolved ``PruneConfig.forward_dtype``: see
+    ``resolve_forward_dtype``), or nothing."""
     if forward_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (faster than float32, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    probes = (torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported)  # private, yet stable
+    try:
+        return any(probe() for probe in probes)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _dtype_of(block: Block) -> torch.dtype:
+    parameter = next(block.module.parameters(), None)
+    return parameter.dtype if parameter is not None else torch.float32
+
+
+def resolve_forward_dtype(forward_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> str | None:
+    """The autocast precision for the block forwards, or None for the model's own: "auto" becomes
+    "bfloat16" for a float32 model on hardware with native bf16 products, and None elsewhere."""
+    if forward_dtype == "auto":
+        return "bfloat16" if model_dtype == torch.float32 and native_bfloat16(device) else None
+    return None if forward_dtype == "none" else forward_dtype
 
 
 def observe_block(
@@ -373,12 +458,18 @@ def observe_block(
 ) -> dict[str, InputStatistics]:
     """Run ``block`` over every batch (``hidden[b]`` with ``calls[b]``) and return its weights' input statistics
     (full Gram matrices, or only column norms when ``full`` is False); the block's outputs are appended to
-    ``outputs`` when given. ``forward_dtype``: see ``forward_precision``."""
-    observer = LinearInputObserver(weights, device, full)
+    ``outputs`` when given. ``forward_dtype``: see ``forward_precision``; the Gram matrices are then summed
+    from inputs rounded to it, as the layers see them."""
+    operands = getattr(torch, forward_dtype) if forward_dtype is not None else None
+    # without ``outputs`` nothing after the last weight's input is needed (see LinearInputObserver)
+    observer = LinearInputObserver(weights, device, full, operands, stop_early=outputs is None)
     with observer, forward_precision(forward_dtype, device):
         for states, call in zip(hidden, calls):
             observer.next_batch()
-            output = call.run(block.module, states)
+            try:
+                output = call.run(block.module, states)
+            except _StopForward:
+                continue
             _check_finite(output, f"in {block.name} (dense)")
             if outputs is not None:
                 outputs.append(output.to(states.dtype))
@@ -398,7 +489,8 @@ def owl_plan(
     for index, (block, chosen) in enumerate(plan):
         outputs: list[torch.Tensor] = []
         weights = [weight for weight, _ in chosen]
-        statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, config.forward_dtype)
+        forward_dtype = resolve_forward_dtype(config.forward_dtype, _dtype_of(block), device)
+        statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, forward_dtype)
         if ranks is not None:
             ranks.check_statistics_names(list(statistics))
             ranks.sum_statistics(statistics)
@@ -486,20 +578,22 @@ def prune_block(
     are this process's share: statistics are summed over processes and the solves divided among them."""
     weights = [weight for weight, _ in chosen]
     statistics = {}
+    forward_dtype = resolve_forward_dtype(config.forward_dtype, _dtype_of(block), device)
     if calls:
         statistics = observe_block(
-            block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=config.forward_dtype
+            block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=forward_dtype
         )
     if ranks is not None and calls:
         ranks.check_statistics_names(list(statistics))
         ranks.sum_statistics(statistics)
     solved: dict[int, LayerRecord] = {}
+    factors: dict[int, InverseFactor] = {}
     for position, (weight, sparsity) in enumerate(chosen):
         # popped, so that statistics no later weight reads are given up to the solve and then freed
         stats = statistics.pop(weight.name, None)
         last = stats is not None and all(other is not stats for other in statistics.values())
         if ranks is None or ranks.owner(position) == ranks.rank:
-            solved[position] = _solve(weight, sparsity, config, stats, last)
+            solved[position] = _solve(weight, sparsity, config, stats, last, factors)
         del stats
     records = []
     for position, (weight, _) in enumerate(chosen):
@@ -511,5 +605,5 @@ def prune_block(
                 weight.write(weight_now)
         records.append(solved[position])
     if advance:
-        advance_block(block, hidden, calls, config.forward_dtype)
+        advance_block(block, hidden, calls, forward_dtype)
     return records

@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from sparsegpt.pipeline import (
     logits_after_blocks,
     overall_sparsity,
     prune_block,
+    resolve_forward_dtype,
 )
 from sparsegpt.stream import (
     INDEX_NAME,
@@ -173,6 +174,7 @@ def prune_streamed(
     started = time.perf_counter()
     with ExitStack() as stack:
         skeleton = open_skeleton(folder, dtype, device, stack)
+        config = replace(config, forward_dtype=resolve_forward_dtype(config.forward_dtype, skeleton.dtype, device))
         fingerprint = _fingerprint(folder, config, calibration, skeleton.dtype, device)
         state = _start(work, fingerprint, resume, overwrite)
         total = len(skeleton.blocks)

@@ -3,12 +3,21 @@
 from sparsegpt.solver.baselines import magnitude_prune, relative_output_error, wanda_prune
 from sparsegpt.solver.hessian import InputStatistics
 from sparsegpt.solver.masks import lowest_k, lowest_k_per_row, n_of_m, pruned_count, split_count
-from sparsegpt.solver.sparsegpt import NMPattern, SolveResult, inverse_hessian_cholesky, sparsegpt_prune
+from sparsegpt.solver.sparsegpt import (
+    InverseFactor,
+    NMPattern,
+    SolveResult,
+    inverse_factor,
+    inverse_hessian_cholesky,
+    sparsegpt_prune,
+)
 
 __all__ = [
     "InputStatistics",
+    "InverseFactor",
     "NMPattern",
     "SolveResult",
+    "inverse_factor",
     "inverse_hessian_cholesky",
     "lowest_k",
     "lowest_k_per_row",

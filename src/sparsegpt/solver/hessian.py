@@ -7,18 +7,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsegpt.solver.gram import add_gram, mirror_gram
+
 
 @dataclass
 class InputStatistics:
     """Running Gram matrix XᵀX over the rows x (tokens) that a linear layer reads, in fp32 (or fp64).
+    Only its upper block triangle is summed (``gram.add_gram``); ``hessian`` returns the whole matrix.
 
-    With ``full=False`` only diag(XᵀX) is kept: ``column_norms`` works, ``hessian`` does not.
+    With ``full=False`` only diag(XᵀX) is kept: ``column_norms`` works, ``hessian`` does not. With
+    ``operands`` (torch.bfloat16 or torch.float16) the inputs are rounded to that precision first, as a
+    layer running in it rounds them, and their products are summed in ``dtype`` (``gram.add_gram``).
     """
 
     width: int
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     full: bool = True
+    operands: torch.dtype | None = None
     tokens: int = 0
     gram: torch.Tensor | None = field(init=False, default=None)
     squares: torch.Tensor | None = field(init=False, default=None)
@@ -35,19 +41,19 @@ class InputStatistics:
         rows = inputs.reshape(-1, self.width)
         if token_mask is not None:
             rows = rows[token_mask.reshape(-1).to(torch.bool)]
-        rows = rows.to(self.dtype)
+        rows = rows.to(self.operands if self.operands is not None else self.dtype)
         if self.gram is not None:
-            self.gram.addmm_(rows.T, rows)
+            add_gram(self.gram, rows)
         else:
             assert self.squares is not None
-            self.squares.add_(rows.square().sum(dim=0))
+            self.squares.add_(rows.to(self.dtype).square().sum(dim=0))
         self.tokens += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2·XᵀX / n, shape (width, width). All zeros when no token was seen."""
         if self.gram is None:
             raise ValueError("these statistics hold only column norms (full=False), not the Hessian")
-        return self.gram * (2.0 / max(self.tokens, 1))
+        return mirror_gram(self.gram * (2.0 / max(self.tokens, 1)))
 
     def take_hessian(self) -> torch.Tensor:
         """``hessian()`` computed in place of the Gram matrix, which these statistics give up (the last
@@ -55,7 +61,7 @@ class InputStatistics:
         if self.gram is None:
             raise ValueError("these statistics hold no Gram matrix (full=False, or already taken)")
         gram, self.gram = self.gram, None
-        return gram.mul_(2.0 / max(self.tokens, 1))
+        return mirror_gram(gram.mul_(2.0 / max(self.tokens, 1)))
 
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ for every input column j, shape (width,)."""

@@ -140,6 +140,26 @@ def _upper_inverse_factor(hessian: torch.Tensor, factorization: str) -> torch.Te
     return upper if info == 0 else None
 
 
+@dataclass(frozen=True)
+class InverseFactor:
+    """What the sweep needs of a Hessian: U with (H + λI)⁻¹ = UᵀU (H with its dead inputs given a unit
+    diagonal, see ``prepare_hessian``), the relative damping that succeeded, and the dead inputs. Layers
+    that read the same inputs (q/k/v, gate/up) share one."""
+
+    upper: torch.Tensor
+    damp: float
+    dead: torch.Tensor
+
+
+def inverse_factor(
+    hessian: torch.Tensor, damp: float = 0.01, factorization: str = "reversed", dtype: torch.dtype = torch.float32
+) -> InverseFactor:
+    """Factorize ``hessian`` for ``sparsegpt_prune`` in ``dtype`` (see ``inverse_hessian_cholesky``)."""
+    prepared, dead = prepare_hessian(hessian.to(dtype))
+    upper, damp = inverse_hessian_cholesky(prepared, damp, factorization)
+    return InverseFactor(upper, damp, dead)
+
+
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     """L⁻¹ of a lower triangular matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
 
@@ -167,7 +187,7 @@ def _all_finite(matrix: torch.Tensor) -> bool:
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | InverseFactor,
     sparsity: float,
     pattern: NMPattern | None = None,
     blocksize: int = 128,
@@ -176,7 +196,8 @@ def sparsegpt_prune(
     mask: torch.Tensor | None = None,
     factorization: str = "reversed",
 ) -> SolveResult:
-    """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs.
+    """Prune ``weight`` (rows, cols) given the Hessian (cols, cols) of its inputs, or its ``inverse_factor``
+    (computed in the same precision; ``damp`` and ``factorization`` are then the factor's).
 
     Unstructured: each lazy block prunes its exact share of the whole layer's ``pruned_count``, chosen
     jointly over the block's rows and columns. With ``pattern`` (N:M), ``sparsity`` is ignored and the N
@@ -190,8 +211,8 @@ def sparsegpt_prune(
     if pattern is not None and (blocksize % pattern.m or cols % pattern.m):
         raise SparseGPTError(f"block size {blocksize} and input width {cols} must be multiples of M={pattern.m}")
     group = _check_groups(grid, cols, blocksize) if grid is not None else cols
-    hessian, dead = prepare_hessian(hessian.to(compute))
-    inverse_cholesky, damp = inverse_hessian_cholesky(hessian, damp, factorization)
+    factor = hessian if isinstance(hessian, InverseFactor) else inverse_factor(hessian, damp, factorization, compute)
+    inverse_cholesky, damp, dead = factor.upper.to(compute), factor.damp, factor.dead
     # W and its mask are held transposed, (cols, rows): the sweep reads and updates whole columns of W,
     # each then one contiguous vector, and a lazy block is a slice of rows
     columns = weight.T.to(compute, copy=True, memory_format=torch.contiguous_format)
