@@ -41,9 +41,8 @@ def ours(args: argparse.Namespace) -> None:
     model, _, _ = sparsegpt.load_model(str(args.model))
     windows = torch.load(args.calib_tokens)
     pattern = None if args.pattern == "none" else NMPattern.parse(args.pattern)
-    config = PruneConfig(
-        nsamples=windows.shape[0], seqlen=windows.shape[1], pattern=pattern, forward_dtype=args.forward_dtype
-    )
+    chosen = {"forward_dtype": args.forward_dtype} if args.forward_dtype else {}
+    config = PruneConfig(nsamples=windows.shape[0], seqlen=windows.shape[1], pattern=pattern, **chosen)
     started = time.perf_counter()
     prune_model(model, config, windows)
     seconds = time.perf_counter() - started
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="none,2:4")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--forward-dtype", default=None, help="this project's --forward-dtype")
+    parser.add_argument("--forward-dtype", default=None, help="this project's --forward-dtype (default: its default)")
     # one run of ours, in a subprocess of the above
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)

@@ -1,0 +1,99 @@
+"""Issue 6: do bf16 calibration forwards keep SparseGPT's accuracy? Paired runs over calibration samples.
+
+For each seed (one sample of ``--nsamples`` × 512 windows of sotu:train), smollm2-135m (fp32) is pruned
+once per variant and evaluated on the first ``--eval-windows`` windows of sotu:test in fp32:
+
+- ``fp32``: float32 forwards (``forward_dtype=None``);
+- ``bf16``: bf16 forwards under autocast, Hessians summed from the bf16 inputs the layers multiply;
+- ``fp32-b4``: float32 forwards in batches of 4 windows instead of 8, a control: the same arithmetic in
+  another summation order, which shows how far a run moves from perturbations that cost no accuracy.
+
+The differences that matter are the paired ones (same seed): their mean over seeds against their scatter.
+
+    python bench/forward_precision.py --pattern 2:4 --seeds 0,1,2,3,4,5 [--variants fp32,bf16,fp32-b4]
+
+Prints one JSON line per run and a Markdown table (perplexity per seed and variant, paired differences
+against ``fp32``, and their mean and standard deviation over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import sparsegpt
+from sparsegpt import PruneConfig, data
+from sparsegpt.evaluate import perplexity
+from sparsegpt.pipeline import prune_model
+from sparsegpt.solver import NMPattern
+
+VARIANTS = {
+    "fp32": {"forward_dtype": None},
+    "bf16": {"forward_dtype": "bfloat16"},
+    "fp32-b4": {"forward_dtype": None, "batch_size": 4},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", default="2:4", help="N:M, or none for 50%% unstructured")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="fp32,bf16,fp32-b4")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    args = parser.parse_args()
+
+    pattern = None if args.pattern == "none" else NMPattern.parse(args.pattern)
+    variants = args.variants.split(",")
+    model, tokenizer, source = sparsegpt.load_model("smollm2-135m", dtype="float32")
+    train = data.tokenize(data.load_text("sotu:train"), tokenizer)
+    test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), 512, args.eval_windows)
+    dense = perplexity(model, test)
+    print(json.dumps({"model": source, "dense_ppl": dense}), flush=True)
+    del model
+
+    table: dict[int, dict[str, float]] = {}
+    for seed in (int(text) for text in args.seeds.split(",")):
+        windows = data.calibration_windows(train, args.nsamples, 512, seed)
+        for variant in variants:
+            model, _, _ = sparsegpt.load_model("smollm2-135m", dtype="float32")
+            config = PruneConfig(nsamples=args.nsamples, seqlen=512, seed=seed, pattern=pattern, **VARIANTS[variant])
+            started = time.perf_counter()
+            prune_model(model, config, windows)
+            seconds = time.perf_counter() - started
+            ppl = perplexity(model, test)
+            table.setdefault(seed, {})[variant] = ppl
+            row = {"seed": seed, "variant": variant, "pattern": args.pattern, "prune_seconds": seconds, "ppl": ppl}
+            print(json.dumps(row), flush=True)
+            del model
+
+    others = [variant for variant in variants if variant != "fp32"]
+    print(f"\ndense: {dense:.3f}\n")
+    header = " | ".join(variants + [f"{variant} vs fp32" for variant in others if "fp32" in variants])
+    print(f"| seed | {header} |")
+    print("|---" * (1 + len(variants) + (len(others) if "fp32" in variants else 0)) + "|")
+    differences: dict[str, list[float]] = {variant: [] for variant in others}
+    for seed, results in table.items():
+        cells = [f"{results[variant]:.3f}" for variant in variants]
+        if "fp32" in variants:
+            for variant in others:
+                difference = results[variant] / results["fp32"] - 1
+                differences[variant].append(difference)
+                cells.append(f"{difference:+.2%}")
+        print(f"| {seed} | {' | '.join(cells)} |")
+    if "fp32" in variants and len(table) > 1:
+        means = [f"{statistics.mean(table[seed][variant] for seed in table):.3f}" for variant in variants]
+        spreads = [
+            f"{statistics.mean(values):+.2%} ± {statistics.stdev(values):.2%}" for values in differences.values()
+        ]
+        print(f"| mean | {' | '.join(means + spreads)} |")
+        print(json.dumps({"paired_differences": differences}))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
