@@ -1,10 +1,11 @@
 """The accelerator checks of issue 4 (and issue 6's GPU timing), in one short invocation for a lent GPU.
 
-1. The same SparseGPT run (smollm2-135m, fp32, CALIB × 512 sotu:train windows, seed 0) on cpu and on
-   cuda, 50% and 2:4: the share of identical mask entries, the largest weight difference, and both
+1. The same SparseGPT run (smollm2-135m, fp32 with fp32 forwards, CALIB × 512 sotu:train windows, seed
+   0) on cpu and on cuda, 50% and 2:4: the share of identical mask entries, the largest weight difference, and both
    sotu:test perplexities (the acceptance: same masks, perplexity within 0.5%).
 2. The streamed run on cuda against the in-memory cuda run (bitwise equality expected).
-3. Timing on cuda: pruning smollm2-135m with 128 × 2048 windows (defaults otherwise), and the GPU's
+3. Timing on cuda: pruning smollm2-135m with 128 × 2048 windows (defaults otherwise: bf16 forwards at
+   50%), and the GPU's
    measured matrix-multiply rates (fp32 and bf16, 8192³) to set the time against.
 
     python bench/device_check.py --out DIR [--calib 128] [--eval-windows 64] [--skip-cpu] [--sections compare,...]
@@ -108,7 +109,7 @@ def main() -> None:
     section("matmul_tflops", lambda: {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)})
     cuda_states: dict[str, dict[str, torch.Tensor]] = {}
     for label, pattern in (("50%", None), ("2:4", NMPattern(2, 4))):
-        config = PruneConfig(nsamples=args.calib, seqlen=512, pattern=pattern)
+        config = PruneConfig(nsamples=args.calib, seqlen=512, pattern=pattern, forward_dtype="none")
 
         def compare(config: PruneConfig = config, label: str = label) -> dict[str, Any]:
             cuda_state, on_cuda = pruned(config, "cuda", evaluation)
@@ -131,7 +132,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "pruned"
-            config = PruneConfig(nsamples=args.calib, seqlen=512)
+            config = PruneConfig(nsamples=args.calib, seqlen=512, forward_dtype="none")
             started = time.perf_counter()
             run = sparsegpt.prune_streamed("smollm2-135m", out, config, "sotu:train", [evaluation], device="cuda")
             seconds = time.perf_counter() - started

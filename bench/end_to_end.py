@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _rss import own_peak_rss_gib
 
 SEQLEN = 512
 
@@ -46,7 +46,7 @@ def ours(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     prune_model(model, config, windows)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = own_peak_rss_gib()
     model.save_pretrained(args.out)
     args.json.write_text(json.dumps({"prune_seconds": seconds, "peak_rss_gib": peak}) + "\n")
 

@@ -22,20 +22,39 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
 import sparsegpt
-from sparsegpt import PruneConfig, data
+from sparsegpt import PruneConfig, data, pipeline
 from sparsegpt.evaluate import perplexity
-from sparsegpt.pipeline import prune_model
 from sparsegpt.solver import NMPattern
 
 VARIANTS = {
-    "fp32": {"forward_dtype": None},
+    "fp32": {"forward_dtype": "none"},
     "bf16": {"forward_dtype": "bfloat16"},
-    "fp32-b4": {"forward_dtype": None, "batch_size": 4},
+    "fp32-b4": {"forward_dtype": "none", "batch_size": 4},
+    # diagnostics: bf16 in one of the two passes only
+    "bf16-observe": {"forward_dtype": "bfloat16"},
+    "bf16-advance": {"forward_dtype": "bfloat16"},
 }
+
+
+def only_in(kind: str) -> None:
+    """Make bf16 forwards apply only to the observing passes (kind "observe") or only to the passes that
+    advance the hidden states ("advance"); the other pass runs in the model's precision."""
+    if kind == "observe":
+        advance = pipeline.advance_block
+        pipeline.advance_block = lambda block, hidden, calls, forward_dtype=None: advance(block, hidden, calls)
+    else:
+        observe = pipeline.observe_block
+
+        def observe_exactly(*args: Any, **kwargs: Any) -> Any:
+            kwargs["forward_dtype"] = None
+            return observe(*args, **kwargs)
+
+        pipeline.observe_block = observe_exactly
 
 
 def main() -> None:
@@ -60,16 +79,20 @@ def main() -> None:
     for seed in (int(text) for text in args.seeds.split(",")):
         windows = data.calibration_windows(train, args.nsamples, 512, seed)
         for variant in variants:
+            originals = pipeline.observe_block, pipeline.advance_block
+            if variant.startswith("bf16-"):
+                only_in(variant.removeprefix("bf16-"))
             model, _, _ = sparsegpt.load_model("smollm2-135m", dtype="float32")
             config = PruneConfig(nsamples=args.nsamples, seqlen=512, seed=seed, pattern=pattern, **VARIANTS[variant])
             started = time.perf_counter()
-            prune_model(model, config, windows)
+            pipeline.prune_model(model, config, windows)
             seconds = time.perf_counter() - started
             ppl = perplexity(model, test)
             table.setdefault(seed, {})[variant] = ppl
             row = {"seed": seed, "variant": variant, "pattern": args.pattern, "prune_seconds": seconds, "ppl": ppl}
             print(json.dumps(row), flush=True)
             del model
+            pipeline.observe_block, pipeline.advance_block = originals
 
     others = [variant for variant in variants if variant != "fp32"]
     print(f"\ndense: {dense:.3f}\n")

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _rss import own_peak_rss_gib
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import (
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shuffle_calibration_samples=False,
     )
     prune_seconds = time.perf_counter() - start
-    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_rss_gib = own_peak_rss_gib()
 
     # oneshot wraps model.save_pretrained to add a compressed-tensors config;
     # call the plain transformers method so any loader can read the folder.

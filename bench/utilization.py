@@ -215,7 +215,7 @@ def main() -> None:
     result = {
         "model": source,
         "settings": {"nsamples": args.nsamples, "seqlen": args.seqlen, "pattern": args.pattern}
-        | {"forward_dtype": resolve_forward_dtype(args.forward_dtype, torch.float32, torch.device("cpu")) or "none"},
+        | {"forward_dtype": resolve_forward_dtype(config, torch.float32, torch.device("cpu")) or "none"},
         "machine": machine,
         "versions": versions(),
         "matmul_gflop_per_s": {precision: rate / 1e9 for precision, rate in rates.items()},

@@ -90,16 +90,23 @@ def test_bfloat16_forward_passes_keep_float32_weights_and_close_errors(arch):
         PruneConfig(forward_dtype="int8")
 
 
-def test_auto_forward_precision_is_bf16_only_for_float32_models_on_native_bf16_hardware(monkeypatch):
+def test_auto_forward_precision_is_bf16_only_where_measured_accurate(monkeypatch):
     cpu = torch.device("cpu")
+    auto = PruneConfig(forward_dtype="auto")
     for native in (True, False):
         monkeypatch.setattr(pipeline, "native_bfloat16", lambda device, native=native: native)
-        assert resolve_forward_dtype("auto", torch.float32, cpu) == ("bfloat16" if native else None)
-        assert resolve_forward_dtype("auto", torch.bfloat16, cpu) is None  # already 16-bit
-        assert resolve_forward_dtype("auto", torch.float64, cpu) is None  # asked for exactness
-        assert resolve_forward_dtype("none", torch.float32, cpu) is None
-        assert resolve_forward_dtype(None, torch.float32, cpu) is None
-        assert resolve_forward_dtype("float16", torch.float32, cpu) == "float16"
+        assert resolve_forward_dtype(auto, torch.float32, cpu) == ("bfloat16" if native else None)
+        assert resolve_forward_dtype(auto, torch.bfloat16, cpu) is None  # already 16-bit
+        assert resolve_forward_dtype(auto, torch.float64, cpu) is None  # asked for exactness
+        for other in (
+            PruneConfig(forward_dtype="auto", pattern=NMPattern(2, 4)),
+            PruneConfig(forward_dtype="auto", bits=4),
+            PruneConfig(forward_dtype="auto", method="wanda"),
+        ):
+            assert resolve_forward_dtype(other, torch.float32, cpu) is None
+        assert resolve_forward_dtype(PruneConfig(forward_dtype="none"), torch.float32, cpu) is None
+        assert resolve_forward_dtype(PruneConfig(forward_dtype=None), torch.float32, cpu) is None
+        assert resolve_forward_dtype(PruneConfig(forward_dtype="float16"), torch.float32, cpu) == "float16"
     # "auto" prunes, whichever precision it resolves to on this machine
     model = tiny_model("llama")
     records = prune_model(model, PruneConfig(blocksize=16, forward_dtype="auto"), calibration())

@@ -83,7 +83,7 @@ def test_gram_sums_exact_products_on_the_upper_block_triangle(dtype, native, tok
     if not native:
         monkeypatch.setattr(gram, "_routine", lambda _: None)
     rows = torch.randn(tokens, width).to(dtype)
-    edges = gram.triangle_edges(width, 128)
+    edges = [0, width // 3, width] if width > 128 else [0, width]
     result = torch.zeros(width, width)
     gram.add_gram(result, rows, edges)
     gram.add_gram(result, rows[: tokens // 2], edges)
@@ -92,7 +92,16 @@ def test_gram_sums_exact_products_on_the_upper_block_triangle(dtype, native, tok
     for start, end in zip(edges, edges[1:]):  # below the diagonal blocks: untouched until mirrored
         assert not result[end:, start:end].any()
     torch.testing.assert_close(gram.mirror_gram(result, edges).double(), expected, rtol=1e-5, atol=1e-5 * tokens)
-    assert len(edges) - 1 == max(1, width // 128)
+
+
+@pytest.mark.parametrize("width", [1, 100, 191, 192, 300, 576, 1536, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_triangle_edges_split_the_width_into_near_equal_blocks(width, dtype):
+    edges = gram.triangle_edges(width, dtype)
+    sizes = [end - start for start, end in zip(edges, edges[1:])]
+    assert edges[0] == 0 and edges[-1] == width and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    target = gram.TRIANGLE_BLOCKS.get(dtype, 256)
+    assert len(sizes) == max(1, round(width / target))
 
 
 @pytest.mark.parametrize("native", [True, False])

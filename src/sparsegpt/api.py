@@ -202,9 +202,7 @@ def _prune(prepared: _Prepared, config: PruneConfig, progress: bool, ranks: Rank
         config = replace(config, seqlen=prepared.calibration.shape[1])
     parameter = next(prepared.model.parameters())
     # the report names the precision the forwards ran in, not "auto"
-    config = replace(
-        config, forward_dtype=resolve_forward_dtype(config.forward_dtype, parameter.dtype, parameter.device)
-    )
+    config = replace(config, forward_dtype=resolve_forward_dtype(config, parameter.dtype, parameter.device))
     calibration = prepared.calibration if config.needs_calibration else None
     started = time.perf_counter()
     layers = prune_model(prepared.model, config, calibration, progress=progress, ranks=ranks)

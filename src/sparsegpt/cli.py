@@ -80,10 +80,11 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--forward-dtype",
-        default=None,
+        default="auto",
         choices=FORWARD_DTYPES,
-        help="precision of the calibration forward passes (autocast); auto: bfloat16 for a float32 model where "
-        "the hardware multiplies bf16 natively, else none (the model's own). Hessians and solves stay float32",
+        help="precision of the calibration forward passes (autocast). auto (default): bfloat16 for unstructured "
+        "SparseGPT on a float32 model where the hardware multiplies bf16 natively (measured to keep the "
+        "accuracy there), else none: the model's own. Hessians and solves stay float32",
     )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")

@@ -32,9 +32,10 @@ class PruneConfig:
 
     ``forward_dtype`` ("bfloat16" or "float16") runs the calibration forward passes under autocast in that
     precision (matrix products in it, weights kept as they are); the Hessians are summed in float32 from
-    the inputs as the layers multiply them, and solves stay in float32. "auto" picks bfloat16 for a float32
-    model on hardware that multiplies it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16) and the
-    model's own precision elsewhere; "none" (or None) always runs in the model's own precision.
+    the inputs as the layers multiply them, and solves stay in float32. "auto" (the default) picks bfloat16
+    where it was measured to keep the accuracy: unstructured SparseGPT on a float32 model, on hardware that
+    multiplies bf16 natively (CUDA with bf16, CPUs with AMX or AVX512-BF16); elsewhere, and with "none"
+    (or None), the forwards run in the model's own precision (``pipeline.resolve_forward_dtype``).
     """
 
     method: str = "sparsegpt"
@@ -56,7 +57,7 @@ class PruneConfig:
     mask_score: str = "sparsegpt"
     repair: int = 0
     refine: int = 0
-    forward_dtype: str | None = None
+    forward_dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

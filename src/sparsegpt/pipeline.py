@@ -438,12 +438,17 @@ def _dtype_of(block: Block) -> torch.dtype:
     return parameter.dtype if parameter is not None else torch.float32
 
 
-def resolve_forward_dtype(forward_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> str | None:
-    """The autocast precision for the block forwards, or None for the model's own: "auto" becomes
-    "bfloat16" for a float32 model on hardware with native bf16 products, and None elsewhere."""
-    if forward_dtype == "auto":
-        return "bfloat16" if model_dtype == torch.float32 and native_bfloat16(device) else None
-    return None if forward_dtype == "none" else forward_dtype
+def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device: torch.device) -> str | None:
+    """The autocast precision for the block forwards of ``config``, or None for the model's own.
+
+    "auto" becomes "bfloat16" only where that was measured to keep the accuracy and is faster: unstructured
+    SparseGPT without quantization, on a float32 model, on hardware with native bf16 products. At 2:4
+    bf16 forwards cost about 3% perplexity on smollm2-135m (docs/BENCHMARKS.md, issue 6), so N:M patterns,
+    quantization and the other methods keep the model's precision."""
+    if config.forward_dtype == "auto":
+        measured = config.method == "sparsegpt" and config.pattern is None and config.bits is None
+        return "bfloat16" if measured and model_dtype == torch.float32 and native_bfloat16(device) else None
+    return None if config.forward_dtype == "none" else config.forward_dtype
 
 
 def observe_block(
@@ -489,7 +494,7 @@ def owl_plan(
     for index, (block, chosen) in enumerate(plan):
         outputs: list[torch.Tensor] = []
         weights = [weight for weight, _ in chosen]
-        forward_dtype = resolve_forward_dtype(config.forward_dtype, _dtype_of(block), device)
+        forward_dtype = resolve_forward_dtype(config, _dtype_of(block), device)
         statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, forward_dtype)
         if ranks is not None:
             ranks.check_statistics_names(list(statistics))
@@ -516,12 +521,14 @@ def advance_block(
     block: Block, hidden: list[torch.Tensor], calls: list[BlockCall], forward_dtype: str | None = None
 ) -> None:
     """Replace each batch's hidden states, in place, by ``block``'s outputs (the next block's inputs)."""
-    for batch, (states, call) in enumerate(zip(hidden, calls)):
-        with forward_precision(forward_dtype, states.device):
+    parameter = next(block.module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    with forward_precision(forward_dtype, device):  # one context: autocast casts each weight once
+        for batch, (states, call) in enumerate(zip(hidden, calls)):
             output = call.run(block.module, states)
-        # the next block gets its inputs in the precision they came in
-        hidden[batch] = output.to(states.dtype)
-        _check_finite(hidden[batch], f"after pruning {block.name}")
+            # the next block gets its inputs in the precision they came in
+            hidden[batch] = output.to(states.dtype)
+            _check_finite(hidden[batch], f"after pruning {block.name}")
 
 
 @torch.no_grad()
@@ -578,7 +585,7 @@ def prune_block(
     are this process's share: statistics are summed over processes and the solves divided among them."""
     weights = [weight for weight, _ in chosen]
     statistics = {}
-    forward_dtype = resolve_forward_dtype(config.forward_dtype, _dtype_of(block), device)
+    forward_dtype = resolve_forward_dtype(config, _dtype_of(block), device)
     if calls:
         statistics = observe_block(
             block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=forward_dtype

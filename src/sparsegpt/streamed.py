@@ -174,7 +174,7 @@ def prune_streamed(
     started = time.perf_counter()
     with ExitStack() as stack:
         skeleton = open_skeleton(folder, dtype, device, stack)
-        config = replace(config, forward_dtype=resolve_forward_dtype(config.forward_dtype, skeleton.dtype, device))
+        config = replace(config, forward_dtype=resolve_forward_dtype(config, skeleton.dtype, device))
         fingerprint = _fingerprint(folder, config, calibration, skeleton.dtype, device)
         state = _start(work, fingerprint, resume, overwrite)
         total = len(skeleton.blocks)
