@@ -6,7 +6,9 @@ once per variant and evaluated on the first ``--eval-windows`` windows of sotu:t
 - ``fp32``: float32 forwards (``forward_dtype=None``);
 - ``bf16``: bf16 forwards under autocast, Hessians summed from the bf16 inputs the layers multiply;
 - ``fp32-b4``: float32 forwards in batches of 4 windows instead of 8, a control: the same arithmetic in
-  another summation order, which shows how far a run moves from perturbations that cost no accuracy.
+  another summation order, which shows how far a run moves from perturbations that cost no accuracy;
+- ``bf16-observe`` / ``bf16-advance`` (diagnostics): bf16 only in the forwards that collect the Hessians,
+  or only in those that carry the hidden states to the next block.
 
 The differences that matter are the paired ones (same seed): their mean over seeds against their scatter.
 
