@@ -28,10 +28,11 @@ def _prune(root, out, *extra):
     return json.loads((out / "sparsegpt_report.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_two_gloo_processes_prune_like_one(workspace, tmp_path, method):
-    one = _prune(workspace, tmp_path / "one", "--method", method)
-    two = _prune(workspace, tmp_path / "two", "--method", method, "--processes", "2")
+@pytest.mark.parametrize(("method", "forward"), [("sparsegpt", "none"), ("wanda", "none"), ("sparsegpt", "bfloat16")])
+def test_two_gloo_processes_prune_like_one(workspace, tmp_path, method, forward):
+    options = ["--method", method, "--forward-dtype", forward]
+    one = _prune(workspace, tmp_path / "one", *options)
+    two = _prune(workspace, tmp_path / "two", *options, "--processes", "2")
     first, second = one["ppl"]["calib.txt"], two["ppl"]["calib.txt"]
     assert abs(second - first) / first < 1e-3
     assert [layer["name"] for layer in one["layers"]] == [layer["name"] for layer in two["layers"]]
@@ -40,7 +41,8 @@ def test_two_gloo_processes_prune_like_one(workspace, tmp_path, method):
     differing = sum(int(((a[key] == 0) != (b[key] == 0)).sum()) for key in a)
     total = sum(a[key].numel() for key in a)
     assert differing <= total * 1e-3  # masks agree but for near-ties the summation order can flip
-    assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-3
+    if forward == "none":  # (a flipped near-tie moves the rest of its row: seen with bf16's coarser Hessians)
+        assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-3
 
 
 def test_streaming_is_one_process(workspace, tmp_path, capsys):
