@@ -1,4 +1,5 @@
-"""G += XᵀX for the Hessian, with X in bfloat16 or float16 and G in float32.
+"""G += XᵀX for the Hessians: on the upper block triangle only (XᵀX is symmetric), and for X in bfloat16
+or float16 with G in float32 by a native mixed-precision product.
 
 Products of two bf16 (or fp16) numbers are exact in float32, so what such a Gram matrix loses against
 one computed from float32 inputs is only the rounding of X itself, and under a bf16 forward X is what
