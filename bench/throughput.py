@@ -1,7 +1,10 @@
 """What this host's CPU does for the matrix products that dominate pruning: fp32 against bf16.
 
 Prints the SIMD flags that matter and the median GFLOP/s of ``F.linear`` at the shapes of smollm2-135m's
-MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the current torch threads.
+MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the current torch threads; then the
+Hessians' Gram product XᵀX (4096 tokens, widths 576 and 1536; float32, and bf16 inputs summed in float32
+by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of
+``add_gram``'s upper block triangle as a share of the whole product's (what ``TRIANGLE_BLOCKS`` is set by).
 
     python bench/throughput.py
 """
@@ -11,24 +14,52 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sparsegpt.solver.gram import add_gram, add_product
+
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
+
+
+def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``call()`` over ``repeats`` calls, after one warm-up call."""
+    call()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 5) -> float:
     """Median GFLOP/s of ``F.linear`` on random (rows, inner) inputs and a (cols, inner) weight."""
     inputs, weight = torch.randn(rows, inner, dtype=dtype), torch.randn(cols, inner, dtype=dtype)
-    F.linear(inputs, weight)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        F.linear(inputs, weight)
-        seconds.append(time.perf_counter() - started)
-    return 2 * rows * inner * cols / statistics.median(seconds) / 1e9
+    return 2 * rows * inner * cols / median_seconds(lambda: F.linear(inputs, weight), repeats) / 1e9
+
+
+def gram_gflops(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
+    """Median GFLOP/s of the whole XᵀX of (tokens, width) ``dtype`` inputs into float32 (``add_product``)."""
+    rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
+    return 2 * tokens * width * width / median_seconds(lambda: add_product(gram, rows, rows), repeats) / 1e9
+
+
+def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 9) -> dict[int, float]:
+    """For column blocks of 128-512: ``add_gram``'s time on the upper block triangle over the whole
+    product's, calls interleaved."""
+    rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
+    whole, shares = [], {}
+    for block in (128, 192, 256, 384, 512):
+        count = max(1, round(width / block))
+        edges = [width * index // count for index in range(count + 1)]
+        whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
+        shares[block] = median_seconds(lambda edges=edges: add_gram(gram, rows, edges), repeats)
+    reference = statistics.median(whole)
+    return {block: round(seconds / reference, 2) for block, seconds in shares.items()}
 
 
 def main() -> None:
@@ -38,6 +69,15 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         result[str(dtype).removeprefix("torch.")] = {
             name: round(gflops(dtype, *shape), 1) for name, shape in SHAPES.items()
+        }
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        result[f"gram_{name}"] = {
+            width: {
+                "gflops": round(gram_gflops(dtype, 4096, width), 1),
+                "triangle_share": triangle_shares(dtype, 4096, width),
+            }
+            for width in (576, 1536)
         }
     print(json.dumps(result))
 

@@ -13,8 +13,9 @@ settings, timing each part of the run, and counting the floating-point operation
 
 Each part's rate (useful FLOP / its time) is set against the rate at which this machine multiplies
 matrices in the precision the part runs in (float32, or bfloat16 for forwards under ``--forward-dtype``,
-and for Hessians summed from their bf16 inputs), measured in the same invocation: the best of ``torch.mm``
-on a few large shapes and the model's own, and of the Gram product the Hessians use. The
+and for Hessians summed from their bf16 inputs), measured in the same invocation: the best of ``F.linear``
+on a few large shapes and the model's own, and of the Gram product the Hessians use (both from
+bench/throughput.py). The
 whole run's utilization is Σ part FLOP / part rate (the time a run at the machine's rate would take)
 divided by its wall time; "other" is the time no part accounts for (input capture, Python, copies).
 
@@ -29,13 +30,13 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 import time
 from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from throughput import gflops, gram_gflops
 from torch.overrides import TorchFunctionMode
 
 import sparsegpt
@@ -44,34 +45,9 @@ from sparsegpt.api import calibration_windows, versions
 from sparsegpt.pipeline import resolve_forward_dtype
 from sparsegpt.solver import NMPattern, hessian
 from sparsegpt.solver import sparsegpt as solver
-from sparsegpt.solver.gram import add_product, native_mixed_gram
+from sparsegpt.solver.gram import native_mixed_gram
 
 PARTS = ("forward", "hessian", "factorization", "sweep")
-
-
-def matmul_rate(dtype: torch.dtype, shape: tuple[int, int, int], seconds: float = 1.0) -> float:
-    """FLOP/s of ``torch.mm`` on (m, k) @ (k, n) in ``dtype``: the median of repeated timings."""
-    m, k, n = shape
-    left, right = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    return 2 * m * k * n / median_seconds(lambda: torch.mm(left, right), seconds)
-
-
-def gram_rate(dtype: torch.dtype, tokens: int, width: int, seconds: float = 1.0) -> float:
-    """FLOP/s of ``add_product`` (the whole XᵀX of ``dtype`` inputs into a float32 matrix, the product the
-    Hessians use; for 16-bit inputs the native mixed-precision one where there is one)."""
-    rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
-    return 2 * tokens * width * width / median_seconds(lambda: add_product(gram, rows, rows), seconds)
-
-
-def median_seconds(call: Any, seconds: float) -> float:
-    call()
-    timings = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(timings) < 5:
-        started = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 class Ledger:
@@ -176,10 +152,9 @@ def main() -> None:
     hidden = model.config.hidden_size
     tokens = config.batch_size * args.seqlen
     shapes = [(2048, 2048, 2048), (tokens, hidden, model.config.intermediate_size), (hidden, tokens, hidden)]
-    rates = {
-        str(dtype).removeprefix("torch."): max(
-            [matmul_rate(dtype, shape) for shape in shapes] + [gram_rate(dtype, tokens, hidden)]
-        )
+    rates = {  # FLOP/s
+        str(dtype).removeprefix("torch."): 1e9
+        * max([gflops(dtype, *shape) for shape in shapes] + [gram_gflops(dtype, tokens, hidden)])
         for dtype in (torch.float32, torch.bfloat16)
     }
 

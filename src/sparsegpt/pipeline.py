@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -280,8 +280,8 @@ def _solve(
     sparsity: float,
     config: PruneConfig,
     stats: InputStatistics | None,
-    last: bool = False,
-    factors: dict[int, InverseFactor] | None = None,
+    last: bool,
+    factors: dict[int, InverseFactor],
 ) -> LayerRecord:
     """Prune one weight in place; ``last``: no other weight reads ``stats`` (its memory may be reused).
     ``factors`` keeps the inverse factor of statistics that later weights read too (by ``id``)."""
@@ -311,7 +311,7 @@ def _solve(
     else:
         assert hessian is not None and stats is not None
         try:
-            factor = _shared_factor(factors if factors is not None else {}, stats, hessian, config, compute, last)
+            factor = _shared_factor(factors, stats, hessian, config, compute, last)
             result = sparsegpt_prune(
                 original,
                 factor,
@@ -433,11 +433,6 @@ def native_bfloat16(device: torch.device) -> bool:
         return False
 
 
-def _dtype_of(block: Block) -> torch.dtype:
-    parameter = next(block.module.parameters(), None)
-    return parameter.dtype if parameter is not None else torch.float32
-
-
 def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device: torch.device) -> str | None:
     """The autocast precision for the block forwards of ``config``, or None for the model's own.
 
@@ -494,8 +489,7 @@ def owl_plan(
     for index, (block, chosen) in enumerate(plan):
         outputs: list[torch.Tensor] = []
         weights = [weight for weight, _ in chosen]
-        forward_dtype = resolve_forward_dtype(config, _dtype_of(block), device)
-        statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, forward_dtype)
+        statistics = observe_block(block, weights, hidden, calls[index], device, False, outputs, config.forward_dtype)
         if ranks is not None:
             ranks.check_statistics_names(list(statistics))
             ranks.sum_statistics(statistics)
@@ -556,7 +550,9 @@ def prune_model(
         return records
     if calibration is None:
         raise SparseGPTError(f"{config.method} needs calibration data")
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
+    config = replace(config, forward_dtype=resolve_forward_dtype(config, parameter.dtype, device))
     batches = list(calibration.to(device).split(config.batch_size))
     if ranks is not None:
         batches = ranks.share(batches)
@@ -581,14 +577,14 @@ def prune_block(
     ranks: Ranks | None = None,
 ) -> list[LayerRecord]:
     """One step of the sweep: observe ``block``'s inputs over every batch, prune its ``chosen`` weights,
-    then (with ``advance``) replace ``hidden`` by the pruned block's outputs. With ``ranks``, the batches
+    then (with ``advance``) replace ``hidden`` by the pruned block's outputs; ``config.forward_dtype`` is
+    the resolved one (``resolve_forward_dtype``, as ``prune_model`` does). With ``ranks``, the batches
     are this process's share: statistics are summed over processes and the solves divided among them."""
     weights = [weight for weight, _ in chosen]
     statistics = {}
-    forward_dtype = resolve_forward_dtype(config, _dtype_of(block), device)
     if calls:
         statistics = observe_block(
-            block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=forward_dtype
+            block, weights, hidden, calls, device, config.needs_hessian, forward_dtype=config.forward_dtype
         )
     if ranks is not None and calls:
         ranks.check_statistics_names(list(statistics))
@@ -612,5 +608,5 @@ def prune_block(
                 weight.write(weight_now)
         records.append(solved[position])
     if advance:
-        advance_block(block, hidden, calls, forward_dtype)
+        advance_block(block, hidden, calls, config.forward_dtype)
     return records

@@ -54,9 +54,10 @@ _INT32_MAX = 2**31 - 1
 
 TRIANGLE_BLOCKS = {torch.float32: 192, torch.bfloat16: 512, torch.float16: 512}
 """Width of the column blocks that split a Gram matrix for ``add_gram``, by the inputs' precision: the
-narrower the blocks, the less arithmetic, but the slower each product. Measured on 4096 × 576 and
-4096 × 1536 inputs (2 threads, AVX-512/AMX): 0.68-0.73 of the full product's time in float32 at 192;
-the native bf16 product loses more on small blocks (0.81-0.99 at 512, 0.91-1.34 at 128-256)."""
+narrower the blocks, the less arithmetic, but the slower each product. ``bench/throughput.py`` (4096
+tokens, 2 threads, AVX-512/AMX Xeon): in float32 the triangle took 0.69 / 0.64 of the whole product's
+time at 192 columns (widths 576 / 1536); the native bf16 product loses more on small blocks (1.01 / 0.81
+at 512, 1.0-1.29 / 0.88-0.93 at 128-256)."""
 
 
 def triangle_edges(width: int, dtype: torch.dtype = torch.float32) -> list[int]:
@@ -93,18 +94,16 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
     16-bit inputs with a float32 ``out`` on the CPU go to the native mixed-precision product where
     torch's library has it; every other combination multiplies in ``out``'s precision."""
     routine = _routine(left.dtype) if out.device.type == "cpu" and out.dtype == torch.float32 else None
-    tokens = left.shape[0]
-    if routine is None or tokens == 0 or right.dtype != left.dtype:
-        out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
-        return
-    left, right = _row_major(left), _row_major(right)
-    if out.stride(1) != 1 or max(tokens * left.stride(0), tokens * right.stride(0), out.numel()) > _INT32_MAX:
-        out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
-        return
-    (m, n), lda, ldb, ldc = out.shape, left.stride(0), right.stride(0), out.stride(0)
-    # row-major C (m × n) = 1·Aᵀ B + 1·C: A is (tokens × m), B (tokens × n)
-    a, b, c = left.data_ptr(), right.data_ptr(), out.data_ptr()
-    routine(_ROW_MAJOR, _TRANSPOSE, _NO_TRANSPOSE, m, n, tokens, 1.0, a, lda, b, ldb, 1.0, c, ldc)
+    if routine is not None and right.dtype == left.dtype and left.shape[0] > 0:
+        left, right = _row_major(left), _row_major(right)
+        tokens, (m, n) = left.shape[0], out.shape
+        (lda, ldb, ldc) = left.stride(0), right.stride(0), out.stride(0)
+        if out.stride(1) == 1 and max(tokens * lda, tokens * ldb, m * ldc) <= _INT32_MAX:
+            # row-major C (m × n) = 1·Aᵀ B + 1·C: A is (tokens × m), B (tokens × n)
+            a, b, c = left.data_ptr(), right.data_ptr(), out.data_ptr()
+            routine(_ROW_MAJOR, _TRANSPOSE, _NO_TRANSPOSE, m, n, tokens, 1.0, a, lda, b, ldb, 1.0, c, ldc)
+            return
+    out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
 
 
 def _row_major(matrix: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,8 @@ class InputStatistics:
     tokens: int = 0
     gram: torch.Tensor | None = field(init=False, default=None)
     squares: torch.Tensor | None = field(init=False, default=None)
-    _edges: list[int] = field(init=False, default_factory=list, repr=False)  # add_gram's column blocks
 
     def __post_init__(self) -> None:
-        self._edges = triangle_edges(self.width, self.operands if self.operands is not None else self.dtype)
         if self.full:
             self.gram = torch.zeros(self.width, self.width, dtype=self.dtype, device=self.device)
         else:
@@ -45,17 +43,21 @@ class InputStatistics:
             rows = rows[token_mask.reshape(-1).to(torch.bool)]
         rows = rows.to(self.operands if self.operands is not None else self.dtype)
         if self.gram is not None:
-            add_gram(self.gram, rows, self._edges)
+            add_gram(self.gram, rows, self._edges())
         else:
             assert self.squares is not None
             self.squares.add_(rows.to(self.dtype).square().sum(dim=0))
         self.tokens += rows.shape[0]
 
+    def _edges(self) -> list[int]:
+        """The column blocks ``add_gram`` sums the Gram matrix in (by the precision it multiplies in)."""
+        return triangle_edges(self.width, self.operands if self.operands is not None else self.dtype)
+
     def hessian(self) -> torch.Tensor:
         """H = 2·XᵀX / n, shape (width, width). All zeros when no token was seen."""
         if self.gram is None:
             raise ValueError("these statistics hold only column norms (full=False), not the Hessian")
-        return mirror_gram(self.gram * (2.0 / max(self.tokens, 1)), self._edges)
+        return mirror_gram(self.gram * (2.0 / max(self.tokens, 1)), self._edges())
 
     def take_hessian(self) -> torch.Tensor:
         """``hessian()`` computed in place of the Gram matrix, which these statistics give up (the last
@@ -63,7 +65,7 @@ class InputStatistics:
         if self.gram is None:
             raise ValueError("these statistics hold no Gram matrix (full=False, or already taken)")
         gram, self.gram = self.gram, None
-        return mirror_gram(gram.mul_(2.0 / max(self.tokens, 1)), self._edges)
+        return mirror_gram(gram.mul_(2.0 / max(self.tokens, 1)), self._edges())
 
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ for every input column j, shape (width,)."""
