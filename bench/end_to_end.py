@@ -1,7 +1,7 @@
 """Issue 6, end to end: this project against llmcompressor 0.14 pruning smollm2-135m, side by side.
 
-Both prune the same 128 × 512 windows of sotu:train (seed 0, saved to OUT/calib.pt) at the same level
-(50% unstructured, 2:4) from the same fp32 checkpoint on 2 threads, each run in a process of its own (so
+Both prune the same 128 × 512 windows of sotu:train (one sample per ``--seeds`` entry, saved to
+OUT/calib-SEED.pt) at the same level (50% unstructured, 2:4) from the same fp32 checkpoint on 2 threads, each run in a process of its own (so
 that its peak memory is its own), alternating ours, peer, ours, peer for ``--repeats`` rounds. Ours runs
 this project's defaults (``--forward-dtype`` adds that option); the peer runs bench/peer_llmcompressor.py
 in its own virtualenv (SparseGPTModifier at its defaults, lm_head ignored). Per run: the pruning wall time
@@ -9,9 +9,10 @@ in its own virtualenv (SparseGPTModifier at its defaults, lm_head ignored). Per 
 resident memory; then the sotu:test perplexity of each side's last pruned model, evaluated here in fp32.
 
     python bench/end_to_end.py --out /tmp/e2e --peer-python /tmp/lcvenv/bin/python \\
-        [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16]
+        [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16] [--seeds 0,1,2]
 
-Prints one JSON line per run and per level, and a Markdown table.
+Prints one JSON line per run and per level and seed, a Markdown table, and with several seeds the mean
+and scatter of the paired perplexity differences (at 2:4 a single pair of runs scatters by a few percent).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument("--patterns", default="none,2:4")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument(
+        "--seeds", default="0", help="calibration samples: one level's runs per seed, compared pairwise"
+    )
     parser.add_argument("--forward-dtype", default=None, help="this project's --forward-dtype (default: its default)")
     # one run of ours, in a subprocess of the above
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
@@ -102,18 +106,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_folder = assets.model_folder("smollm2-135m")
     model, tokenizer, source = sparsegpt.load_model("smollm2-135m")
-    windows = calibration_windows(model, tokenizer, data.load_text("sotu:train"), PruneConfig(seqlen=SEQLEN))
-    calib = args.out / "calib.pt"
-    torch.save(windows, calib)
+    train = data.load_text("sotu:train")
     test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), SEQLEN, args.eval_windows)
-    del model
 
     summary = []
-    for pattern in args.patterns.split(","):
+    for seed, pattern in [
+        (int(seed), pattern) for seed in args.seeds.split(",") for pattern in args.patterns.split(",")
+    ]:
+        calib = args.out / f"calib-{seed}.pt"
+        torch.save(calibration_windows(model, tokenizer, train, PruneConfig(seqlen=SEQLEN, seed=seed)), calib)
         runs = [
             run_side(args, side, pattern, number, calib) for number in range(args.repeats) for side in ("ours", "peer")
         ]
-        level = {"pattern": pattern}
+        level = {"pattern": pattern, "seed": seed}
         for side in ("ours", "peer"):
             mine = [row for row in runs if row["side"] == side]
             level[f"{side}_seconds"] = statistics.median(row["prune_seconds"] for row in mine)
@@ -127,14 +132,24 @@ def main() -> None:
         print(json.dumps(level), flush=True)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     print(json.dumps({"model": source, "machine": machine, "versions": versions(), "levels": summary}))
-    print("\n| level | ours s | peer s | ours / peer (≤ 0.4) | peak GiB ours / peer | ppl ours | ppl peer | Δ ppl |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| level | seed | ours s | peer s | ours / peer (≤ 0.4) | peak GiB ours / peer | ppl ours | ppl peer | Δ ppl |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for level in summary:
         print(
-            f"| {level['pattern']} | {level['ours_seconds']:.1f} | {level['peer_seconds']:.1f} "
+            f"| {level['pattern']} | {level['seed']} | {level['ours_seconds']:.1f} | {level['peer_seconds']:.1f} "
             f"| {level['time_ratio']:.2f} | {level['ours_peak_rss_gib']:.2f} / {level['peer_peak_rss_gib']:.2f} "
             f"| {level['ours_ppl']:.3f} | {level['peer_ppl']:.3f} | {level['ppl_difference']:+.2%} |"
         )
+    for pattern in args.patterns.split(","):
+        differences = [level["ppl_difference"] for level in summary if level["pattern"] == pattern]
+        if len(differences) > 1:
+            spread = statistics.stdev(differences)
+            print(
+                f"\n{pattern}: Δ ppl over {len(differences)} seeds {statistics.mean(differences):+.2%} ± {spread:.2%} "
+                f"(standard error {spread / len(differences) ** 0.5:.2%})"
+            )
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@ Prints the SIMD flags that matter and the median GFLOP/s of ``F.linear`` at the 
 MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the current torch threads; then the
 Hessians' Gram product XᵀX (4096 tokens, widths 576 and 1536; float32, and bf16 inputs summed in float32
 by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of
-``add_gram``'s upper block triangle as a share of the whole product's (what ``TRIANGLE_BLOCKS`` is set by).
+``add_gram``'s upper block triangle as a share of the whole product's (what ``TRIANGLE_BLOCKS`` is set by);
+then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky factorization, the
+triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
+identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
+a factorization or a triangular inverse).
 
-    python bench/throughput.py
+    python bench/throughput.py [--sections linear,gram,factorization]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsegpt.solver.gram import add_gram, add_product
+from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
 
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
 
@@ -62,15 +68,42 @@ def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 
     return {block: round(seconds / reference, 2) for block, seconds in shares.items()}
 
 
+def factorization_timings(width: int, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Median seconds (and useful GFLOP/s) of the parts of factorizing a (width, width) Hessian."""
+    inputs = torch.randn(2 * width, width) + torch.randn(2 * width, 1)  # correlated columns
+    hessian = inputs.T @ inputs / inputs.shape[0]
+    del inputs
+    lower = torch.linalg.cholesky(hessian)
+    identity = torch.eye(width)
+    calls = {
+        "cholesky": lambda: torch.linalg.cholesky_ex(hessian),
+        "triangular_inverse_by_halves": lambda: lower_triangular_inverse(lower),
+        "triangular_solve_with_identity": lambda: torch.linalg.solve_triangular(lower, identity, upper=False),
+        "inverse_factor_reversed": lambda: inverse_factor(hessian, 0.01, "reversed"),
+        "inverse_factor_inverse": lambda: inverse_factor(hessian, 0.01, "inverse"),
+    }
+    useful = width**3 / 3
+    timings = {}
+    for name, call in calls.items():
+        seconds = median_seconds(call, repeats)
+        timings[name] = {"seconds": round(seconds, 4)}
+        if not name.startswith("inverse_factor"):
+            timings[name]["gflops"] = round(useful / seconds / 1e9, 1)
+    return timings
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="linear,gram,factorization", help="which measurements, comma-separated")
+    sections = parser.parse_args().sections.split(",")
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = {flag: f" {flag} " in cpuinfo.replace("\n", " ") for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "flags": flags}
-    for dtype in (torch.float32, torch.bfloat16):
+    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "flags": flags}
+    for dtype in (torch.float32, torch.bfloat16) if "linear" in sections else ():
         result[str(dtype).removeprefix("torch.")] = {
             name: round(gflops(dtype, *shape), 1) for name, shape in SHAPES.items()
         }
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if "gram" in sections else ():
         name = str(dtype).removeprefix("torch.")
         result[f"gram_{name}"] = {
             width: {
@@ -79,6 +112,8 @@ def main() -> None:
             }
             for width in (576, 1536)
         }
+    if "factorization" in sections:
+        result["factorization"] = {width: factorization_timings(width) for width in (1536, 4096, 11008)}
     print(json.dumps(result))
 
 

@@ -23,7 +23,7 @@ from sparsegpt.solver import (
     split_count,
     wanda_prune,
 )
-from sparsegpt.solver.sparsegpt import FACTORIZATIONS, lower_triangular_inverse
+from sparsegpt.solver.sparsegpt import FACTORIZATIONS, lower_triangular_inverse, triangular_product
 
 from reference import problem, slow_sparsegpt
 
@@ -168,13 +168,26 @@ def test_a_shared_inverse_factor_solves_exactly_like_the_hessian(pattern):
         assert (direct.damp, direct.dead_inputs) == (shared.damp, shared.dead_inputs)
 
 
-@pytest.mark.parametrize("size", [1, 7, 256, 257, 700])
-def test_lower_triangular_inverse_by_halves(size):
+@pytest.mark.parametrize(("size", "leaf"), [(1, 256), (7, 256), (256, 256), (257, 256), (700, 256), (700, 16)])
+def test_lower_triangular_inverse_by_halves(size, leaf):
     lower = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)).tril()
     lower.diagonal().copy_(lower.diagonal().abs() + size**0.5)  # well conditioned
-    inverse = lower_triangular_inverse(lower)
+    inverse = lower_triangular_inverse(lower, leaf)
     torch.testing.assert_close(inverse, torch.linalg.inv(lower))
     assert torch.equal(inverse, inverse.tril())
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize(("size", "leaf"), [(1, 1), (9, 2), (64, 8), (257, 16)])
+def test_triangular_product_multiplies_only_the_triangle(size, leaf, lower):
+    generator = torch.Generator().manual_seed(size)
+    full = torch.randn(size, size, dtype=torch.float64, generator=generator)
+    triangle = full.tril() if lower else full.triu()
+    dense = torch.randn(size, 5, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(triangular_product(triangle, dense, lower, leaf), triangle @ dense)
+    # the other triangle is never read outside the leaves
+    littered = triangle + (full.triu(leaf) if lower else full.tril(-leaf))
+    torch.testing.assert_close(triangular_product(littered, dense, lower, leaf), triangle @ dense)
 
 
 def test_unknown_factorization_is_refused():

@@ -163,19 +163,44 @@ def inverse_factor(
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     """L⁻¹ of a lower triangular matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
 
-    Two matrix products per level (a third of the arithmetic of solving against the identity, at the
-    matrix-multiply rate); blocks of at most ``leaf`` rows are solved directly."""
+    The off-diagonal block is two products with a triangular factor (``triangular_product``), so the
+    whole inverse costs n³/3 multiply-adds, as many as solving against the identity but at the
+    matrix-multiply rate; blocks of at most ``leaf`` rows are solved directly."""
     size = lower.shape[0]
     if size <= leaf:
         identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
         return torch.linalg.solve_triangular(lower, identity, upper=False)
     half = size // 2
     inverse = torch.zeros_like(lower)
-    inverse[:half, :half] = lower_triangular_inverse(lower[:half, :half], leaf)
-    inverse[half:, half:] = lower_triangular_inverse(lower[half:, half:], leaf)
-    inverse[half:, :half] = inverse[half:, half:] @ (lower[half:, :half] @ inverse[:half, :half])
-    inverse[half:, :half].neg_()
+    first = inverse[:half, :half] = lower_triangular_inverse(lower[:half, :half], leaf)
+    second = inverse[half:, half:] = lower_triangular_inverse(lower[half:, half:], leaf)
+    # C·A⁻¹ = (A⁻ᵀ·Cᵀ)ᵀ with A⁻ᵀ upper triangular
+    right = triangular_product(first.T, lower[half:, :half].T, lower=False).T
+    inverse[half:, :half] = triangular_product(second, right).neg_()
     return inverse
+
+
+def triangular_product(
+    triangle: torch.Tensor, dense: torch.Tensor, lower: bool = True, leaf: int = 512
+) -> torch.Tensor:
+    """``triangle @ dense`` for a lower (or, with ``lower=False``, upper) triangular ``triangle``, by halves:
+    the zero quarter of each level is never multiplied, so half the arithmetic of a full product.
+    Products of at most ``leaf`` rows are taken whole (the zeros outside the triangle must be zeros)."""
+    size = triangle.shape[0]
+    if size <= leaf:
+        return triangle @ dense
+    half = size // 2
+    out = torch.empty(size, dense.shape[1], dtype=dense.dtype, device=dense.device)
+    top, bottom = out[:half], out[half:]
+    if lower:  # [[A, 0], [C, B]]·[x; y] = [A·x; C·x + B·y]
+        top.copy_(triangular_product(triangle[:half, :half], dense[:half], lower, leaf))
+        bottom.copy_(triangular_product(triangle[half:, half:], dense[half:], lower, leaf))
+        bottom.addmm_(triangle[half:, :half], dense[:half])
+    else:  # [[A, C], [0, B]]·[x; y] = [A·x + C·y; B·y]
+        top.copy_(triangular_product(triangle[:half, :half], dense[:half], lower, leaf))
+        top.addmm_(triangle[:half, half:], dense[half:])
+        bottom.copy_(triangular_product(triangle[half:, half:], dense[half:], lower, leaf))
+    return out
 
 
 def _all_finite(matrix: torch.Tensor) -> bool:
