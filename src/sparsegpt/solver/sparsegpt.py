@@ -86,8 +86,9 @@ def prepare_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 FACTORIZATIONS = ("reversed", "inverse")
-"""How U is computed: "reversed" (the default, about 1.7x faster) or "inverse" (the reference code's
-sequence of operations, which llmcompressor also follows: the same bits, so the same masks)."""
+"""How U is computed: "reversed" (the default; about 1.8x faster from width 4096 on, ``bench/throughput.py
+--sections factorization``) or "inverse" (the reference code's sequence of operations, which
+llmcompressor also follows: the same bits, so the same masks)."""
 
 
 def inverse_hessian_cholesky(
@@ -164,8 +165,9 @@ def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tens
     """L⁻¹ of a lower triangular matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
 
     The off-diagonal block is two products with a triangular factor (``triangular_product``), so the
-    whole inverse costs n³/3 multiply-adds, as many as solving against the identity but at the
-    matrix-multiply rate; blocks of at most ``leaf`` rows are solved directly."""
+    whole inverse costs n³/3 floating-point operations, the least a triangular inverse needs (solving
+    against the identity costs n³), mostly at the matrix-multiply rate; blocks of at most ``leaf`` rows
+    are solved directly."""
     size = lower.shape[0]
     if size <= leaf:
         identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
