@@ -1,12 +1,13 @@
 """Issue 6, end to end: this project against llmcompressor 0.14 pruning smollm2-135m, side by side.
 
 Both prune the same 128 × 512 windows of sotu:train (one sample per ``--seeds`` entry, saved to
-OUT/calib-SEED.pt) at the same level (50% unstructured, 2:4) from the same fp32 checkpoint on 2 threads, each run in a process of its own (so
-that its peak memory is its own), alternating ours, peer, ours, peer for ``--repeats`` rounds. Ours runs
-this project's defaults (``--forward-dtype`` adds that option); the peer runs bench/peer_llmcompressor.py
-in its own virtualenv (SparseGPTModifier at its defaults, lm_head ignored). Per run: the pruning wall time
-(calibration forwards and solves; loading and saving excluded on both sides) and the process's peak
-resident memory; then the sotu:test perplexity of each side's last pruned model, evaluated here in fp32.
+OUT/calib-SEED.pt) at the same level (50% unstructured, 2:4) from the same fp32 checkpoint on 2 threads,
+each run in a process of its own (so that its peak memory is its own), alternating ours, peer, ours, peer
+for ``--repeats`` rounds. Ours runs this project's defaults (``--forward-dtype`` adds that option); the
+peer runs bench/peer_llmcompressor.py in its own virtualenv (SparseGPTModifier at its defaults, lm_head
+ignored). Per run: the pruning wall time (calibration forwards and solves; loading and saving excluded on
+both sides) and the process's peak resident memory; then the sotu:test perplexity of each side's last
+pruned model, evaluated here in fp32.
 
     python bench/end_to_end.py --out /tmp/e2e --peer-python /tmp/lcvenv/bin/python \\
         [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16] [--seeds 0,1,2]
