@@ -1,12 +1,11 @@
 """The accelerator checks of issue 4 (and issue 6's GPU timing), in one short invocation for a lent GPU.
 
 1. The same SparseGPT run (smollm2-135m, fp32 with fp32 forwards, CALIB × 512 sotu:train windows, seed
-   0) on cpu and on cuda, 50% and 2:4: the share of identical mask entries, the largest weight difference, and both
-   sotu:test perplexities (the acceptance: same masks, perplexity within 0.5%).
+   0) on cpu and on cuda, 50% and 2:4: the share of identical mask entries, the largest weight
+   difference, and both sotu:test perplexities (the acceptance: same masks, perplexity within 0.5%).
 2. The streamed run on cuda against the in-memory cuda run (bitwise equality expected).
 3. Timing on cuda: pruning smollm2-135m with 128 × 2048 windows (defaults otherwise: bf16 forwards at
-   50%), and the GPU's
-   measured matrix-multiply rates (fp32 and bf16, 8192³) to set the time against.
+   50%), and the GPU's measured matrix-multiply rates (fp32 and bf16, 8192³) to set the time against.
 
     python bench/device_check.py --out DIR [--calib 128] [--eval-windows 64] [--skip-cpu] [--sections compare,...]
 

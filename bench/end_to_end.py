@@ -109,13 +109,15 @@ def main() -> None:
     model, tokenizer, source = sparsegpt.load_model("smollm2-135m")
     train = data.load_text("sotu:train")
     test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), SEQLEN, args.eval_windows)
+    samples = {}  # seed -> its calibration windows, saved once for both sides and every level
+    for seed in (int(text) for text in args.seeds.split(",")):
+        samples[seed] = args.out / f"calib-{seed}.pt"
+        torch.save(calibration_windows(model, tokenizer, train, PruneConfig(seqlen=SEQLEN, seed=seed)), samples[seed])
+    del model
 
     summary = []
-    for seed, pattern in [
-        (int(seed), pattern) for seed in args.seeds.split(",") for pattern in args.patterns.split(",")
-    ]:
-        calib = args.out / f"calib-{seed}.pt"
-        torch.save(calibration_windows(model, tokenizer, train, PruneConfig(seqlen=SEQLEN, seed=seed)), calib)
+    for seed, pattern in [(seed, pattern) for seed in samples for pattern in args.patterns.split(",")]:
+        calib = samples[seed]
         runs = [
             run_side(args, side, pattern, number, calib) for number in range(args.repeats) for side in ("ours", "peer")
         ]

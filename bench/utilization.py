@@ -15,9 +15,9 @@ Each part's rate (useful FLOP / its time) is set against the rate at which this 
 matrices in the precision the part runs in (float32, or bfloat16 for forwards under ``--forward-dtype``,
 and for Hessians summed from their bf16 inputs), measured in the same invocation: the best of ``F.linear``
 on a few large shapes and the model's own, and of the Gram product the Hessians use (both from
-bench/throughput.py). The
-whole run's utilization is Σ part FLOP / part rate (the time a run at the machine's rate would take)
-divided by its wall time; "other" is the time no part accounts for (input capture, Python, copies).
+bench/throughput.py). The whole run's utilization is Σ part FLOP / part rate (the time a run at the
+machine's rate would take) divided by its wall time; "other" is the time no part accounts for (input
+capture, Python, copies).
 
     python bench/utilization.py [--nsamples 128] [--seqlen 512] [--pattern 2:4] [--forward-dtype bfloat16]
 

@@ -168,7 +168,10 @@ def test_a_shared_inverse_factor_solves_exactly_like_the_hessian(pattern):
         assert (direct.damp, direct.dead_inputs) == (shared.damp, shared.dead_inputs)
 
 
-@pytest.mark.parametrize(("size", "leaf"), [(1, 256), (7, 256), (256, 256), (257, 256), (700, 256), (700, 16)])
+# 1100: halves of 550 rows, so the off-diagonal products split too (through transposed views)
+@pytest.mark.parametrize(
+    ("size", "leaf"), [(1, 256), (7, 256), (256, 256), (257, 256), (700, 256), (700, 16), (1100, 256)]
+)
 def test_lower_triangular_inverse_by_halves(size, leaf):
     lower = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)).tril()
     lower.diagonal().copy_(lower.diagonal().abs() + size**0.5)  # well conditioned

@@ -174,8 +174,9 @@ def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tens
         return torch.linalg.solve_triangular(lower, identity, upper=False)
     half = size // 2
     inverse = torch.zeros_like(lower)
-    first = inverse[:half, :half] = lower_triangular_inverse(lower[:half, :half], leaf)
-    second = inverse[half:, half:] = lower_triangular_inverse(lower[half:, half:], leaf)
+    first = lower_triangular_inverse(lower[:half, :half], leaf)  # A⁻¹
+    second = lower_triangular_inverse(lower[half:, half:], leaf)  # B⁻¹
+    inverse[:half, :half], inverse[half:, half:] = first, second
     # C·A⁻¹ = (A⁻ᵀ·Cᵀ)ᵀ with A⁻ᵀ upper triangular
     right = triangular_product(first.T, lower[half:, :half].T, lower=False).T
     inverse[half:, :half] = triangular_product(second, right).neg_()
@@ -194,14 +195,12 @@ def triangular_product(
     half = size // 2
     out = torch.empty(size, dense.shape[1], dtype=dense.dtype, device=dense.device)
     top, bottom = out[:half], out[half:]
+    top.copy_(triangular_product(triangle[:half, :half], dense[:half], lower, leaf))
+    bottom.copy_(triangular_product(triangle[half:, half:], dense[half:], lower, leaf))
     if lower:  # [[A, 0], [C, B]]·[x; y] = [A·x; C·x + B·y]
-        top.copy_(triangular_product(triangle[:half, :half], dense[:half], lower, leaf))
-        bottom.copy_(triangular_product(triangle[half:, half:], dense[half:], lower, leaf))
         bottom.addmm_(triangle[half:, :half], dense[:half])
     else:  # [[A, C], [0, B]]·[x; y] = [A·x + C·y; B·y]
-        top.copy_(triangular_product(triangle[:half, :half], dense[:half], lower, leaf))
         top.addmm_(triangle[:half, half:], dense[half:])
-        bottom.copy_(triangular_product(triangle[half:, half:], dense[half:], lower, leaf))
     return out
 
 
