@@ -3,8 +3,9 @@
 Prints the SIMD flags that matter and the median GFLOP/s of ``F.linear`` at the shapes of smollm2-135m's
 MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the current torch threads; then the
 Hessians' Gram product XᵀX (4096 tokens, widths 576 and 1536; float32, and bf16 inputs summed in float32
-by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of
-``add_gram``'s upper block triangle as a share of the whole product's (what ``TRIANGLE_BLOCKS`` is set by);
+by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of the
+upper block triangle (``add_block_triangle``) as a share of the whole product's (what ``TRIANGLE_BLOCKS``
+is set by), and for float32 that of MKL's symmetric rank-k update (what ``add_gram`` uses where it can);
 then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky factorization, the
 triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
 identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsegpt.solver.gram import add_gram, add_product
+from sparsegpt.solver.gram import _syrk, add_block_triangle, add_product
 from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
 
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
@@ -54,16 +55,20 @@ def gram_gflops(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -
     return 2 * tokens * width * width / median_seconds(lambda: add_product(gram, rows, rows), repeats) / 1e9
 
 
-def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 9) -> dict[int, float]:
-    """For column blocks of 128-512: ``add_gram``'s time on the upper block triangle over the whole
-    product's, calls interleaved."""
+def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 9) -> dict[int | str, float]:
+    """For column blocks of 128-512: the upper block triangle's time over the whole product's, calls
+    interleaved; and ``"rank_update"``: MKL's symmetric rank-k update's, where it exists for ``dtype``."""
     rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
     whole, shares = [], {}
     for block in (128, 192, 256, 384, 512):
         count = max(1, round(width / block))
         edges = [width * index // count for index in range(count + 1)]
         whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
-        shares[block] = median_seconds(lambda edges=edges: add_gram(gram, rows, edges), repeats)
+        shares[block] = median_seconds(lambda edges=edges: add_block_triangle(gram, rows, edges), repeats)
+    update = _syrk(dtype)
+    if update is not None:
+        whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
+        shares["rank_update"] = median_seconds(lambda: update(gram, rows), repeats)
     reference = statistics.median(whole)
     return {block: round(seconds / reference, 2) for block, seconds in shares.items()}
 

@@ -76,22 +76,54 @@ def test_norms_only_statistics_match_the_gram_diagonal():
         norms.hessian()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize(("tokens", "width"), [(1, 1), (37, 5), (512, 96), (300, 130), (64, 600)])
 def test_gram_sums_exact_products_on_the_upper_block_triangle(dtype, native, tokens, width, monkeypatch):
-    if not native:
+    if not native:  # without MKL's routines: every precision by blocks of torch products
         monkeypatch.setattr(gram, "_routine", lambda _: None)
+        monkeypatch.setattr(gram, "_syrk", lambda _: None)
     rows = torch.randn(tokens, width).to(dtype)
     edges = [0, width // 3, width] if width > 128 else [0, width]
-    result = torch.zeros(width, width)
+    result = torch.zeros(width, width, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     gram.add_gram(result, rows, edges)
     gram.add_gram(result, rows[: tokens // 2], edges)
     widened = rows.to(torch.float64)  # 16-bit products are exact in float32; only the sums round
     expected = widened.T @ widened + widened[: tokens // 2].T @ widened[: tokens // 2]
     for start, end in zip(edges, edges[1:]):  # below the diagonal blocks: untouched until mirrored
         assert not result[end:, start:end].any()
-    torch.testing.assert_close(gram.mirror_gram(result, edges).double(), expected, rtol=1e-5, atol=1e-5 * tokens)
+    whole = gram.mirror_gram(result, edges)
+    assert torch.equal(whole, whole.T)  # mirrored, not summed twice
+    torch.testing.assert_close(whole.double(), expected, rtol=1e-5, atol=1e-5 * tokens)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="a torch build without MKL")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_update_fills_the_upper_triangle_of_strided_views(dtype):
+    update = gram._syrk(dtype)
+    rows = torch.randn(70, 40, dtype=dtype)
+    out = torch.ones(30, 50, dtype=dtype)
+    window = out[5:25, 10:30]  # a view with a row stride of 50
+    update(window, rows[:, 3:23])  # a sliced operand: rows of stride 40
+    product = rows[:, 3:23].T @ rows[:, 3:23]
+    expected = torch.ones(30, 50, dtype=dtype)
+    expected[5:25, 10:30] += product.triu()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_rank_update_that_misbehaves_is_not_used():
+    def full_product(out, rows):  # also writes below the diagonal
+        out += rows.T @ rows
+
+    def lower_half(out, rows):
+        out += (rows.T @ rows).tril()
+
+    def triangle(out, rows):
+        out += (rows.T @ rows).triu()
+
+    assert gram.rank_update_agrees(triangle, torch.float32)
+    assert not gram.rank_update_agrees(full_product, torch.float32)
+    assert not gram.rank_update_agrees(lower_half, torch.float32)
 
 
 @pytest.mark.parametrize("width", [1, 100, 191, 192, 300, 576, 1536, 4096])
@@ -125,6 +157,7 @@ def test_torch_builds_with_mkl_give_the_native_mixed_precision_product():
     # without it bf16 Hessians still come out right (widened to float32), only several times slower
     if torch.backends.mkl.is_available():
         assert gram.native_mixed_gram(torch.bfloat16) and gram.native_mixed_gram(torch.float16)
+        assert gram._syrk(torch.float32) is not None and gram._syrk(torch.float64) is not None
     assert not gram.native_mixed_gram(torch.float32)
 
 

@@ -1,5 +1,11 @@
-"""G += XᵀX for the Hessians: on the upper block triangle only (XᵀX is symmetric), and for X in bfloat16
-or float16 with G in float32 by a native mixed-precision product.
+"""G += XᵀX for the Hessians: on the upper triangle only (XᵀX is symmetric), and for X in bfloat16 or
+float16 with G in float32 by a native mixed-precision product.
+
+For float32 (and float64) X on the CPU the upper triangle is one symmetric rank-k update, MKL's ``?syrk``,
+which does exactly the triangle's arithmetic at about the matrix-multiply rate. torch does not expose it,
+and the MKL in torch's CPU library exports it only under its internal name (``mkl_blas_ssyrk``, with the
+Fortran BLAS calling convention); it is therefore checked against a plain product on first use and
+replaced by the block triangle below wherever it is missing or disagrees.
 
 Products of two bf16 (or fp16) numbers are exact in float32, so what such a Gram matrix loses against
 one computed from float32 inputs is only the rounding of X itself, and under a bf16 forward X is what
@@ -26,23 +32,76 @@ _ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112
 _ROUTINES = {torch.bfloat16: "cblas_gemm_bf16bf16f32", torch.float16: "cblas_gemm_f16f16f32"}
 
 
-@functools.cache
-def _routine(dtype: torch.dtype) -> Any:
-    """MKL's 16-bit × 16-bit → float32 matrix product for ``dtype`` from torch's CPU library, or None."""
-    name = _ROUTINES.get(dtype)
+def _library_symbol(name: str | None) -> Any:
+    """The function ``name`` exported by torch's CPU library (its MKL), or None."""
     library_path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     if name is None or not library_path.exists():
         return None
     try:
-        routine = getattr(ctypes.CDLL(str(library_path)), name)
+        return getattr(ctypes.CDLL(str(library_path)), name)
     except (OSError, AttributeError):
-        log.debug("no %s in torch's CPU library: 16-bit Gram matrices are multiplied in float32", name)
+        log.debug("no %s in torch's CPU library", name)
+        return None
+
+
+@functools.cache
+def _routine(dtype: torch.dtype) -> Any:
+    """MKL's 16-bit × 16-bit → float32 matrix product for ``dtype`` from torch's CPU library, or None
+    (then 16-bit Gram matrices are multiplied in float32)."""
+    routine = _library_symbol(_ROUTINES.get(dtype))
+    if routine is None:
         return None
     integer, pointer = ctypes.c_int32, ctypes.c_void_p
     routine.restype = None
     routine.argtypes = [ctypes.c_int] * 3 + [integer] * 3 + [ctypes.c_float, pointer, integer, pointer, integer]
     routine.argtypes += [ctypes.c_float, pointer, integer]
     return routine
+
+
+_SYRK_ROUTINES = {torch.float32: ("mkl_blas_ssyrk", ctypes.c_float), torch.float64: ("mkl_blas_dsyrk", ctypes.c_double)}
+
+
+@functools.cache
+def _syrk(dtype: torch.dtype) -> Any:
+    """``C += AᵀA`` on C's upper triangle for row-major float32/float64 A (tokens, n) and C (n, n), by MKL's
+    symmetric rank-k update from torch's CPU library, as a function ``(out, rows) -> None``; None where
+    the routine is missing or fails its check against a plain product (then ``add_gram`` sums the
+    upper block triangle)."""
+    name, scalar = _SYRK_ROUTINES.get(dtype, (None, ctypes.c_float))
+    routine = _library_symbol(name)
+    if routine is None:
+        return None
+    routine.restype = None
+
+    def update(out: torch.Tensor, rows: torch.Tensor) -> None:
+        # Row-major (tokens, n) A is column-major Aᵀ (n, tokens), and row-major C's upper triangle is
+        # column-major C's lower one: C_cm += Aᵀ_cm (Aᵀ_cm)ᵀ, uplo "L", trans "N". Integers are passed as
+        # 64-bit: an LP64 library reads their low halves, which hold the same values.
+        size, tokens = (ctypes.c_int64(value) for value in (rows.shape[1], rows.shape[0]))
+        lda, ldc = ctypes.c_int64(rows.stride(0)), ctypes.c_int64(out.stride(0))
+        one, lower, plain = scalar(1.0), ctypes.c_char(b"L"), ctypes.c_char(b"N")
+        a, c = ctypes.c_void_p(rows.data_ptr()), ctypes.c_void_p(out.data_ptr())
+        byref = ctypes.byref
+        routine(
+            byref(lower), byref(plain), byref(size), byref(tokens), byref(one), a, byref(lda), byref(one), c, byref(ldc)
+        )
+
+    if not rank_update_agrees(update, dtype):
+        log.warning("%s in torch's CPU library gave wrong results: Gram matrices use the block triangle", name)
+        return None
+    return update
+
+
+def rank_update_agrees(update: Any, dtype: torch.dtype) -> bool:
+    """Whether ``update(out, rows)`` adds rowsᵀrows to ``out``'s upper triangle of ``dtype`` and leaves
+    the rest alone, on a small odd-sized case (against float64 products)."""
+    probe = torch.randn(37, 21, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    result = torch.full((21, 21), 0.5, dtype=dtype)
+    update(result, probe)
+    rounded = probe.double()
+    start = torch.full((21, 21), 0.5, dtype=torch.float64)
+    expected = (rounded.T @ rounded + start).triu() + start.tril(-1)
+    return bool(torch.allclose(result.double(), expected, rtol=1e-4, atol=1e-4))
 
 
 def native_mixed_gram(dtype: torch.dtype) -> bool:
@@ -68,22 +127,40 @@ def triangle_edges(width: int, dtype: torch.dtype = torch.float32) -> list[int]:
 
 
 def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = None) -> None:
-    """``gram += rowsᵀ rows`` in place, on the upper block triangle only; ``rows`` is (tokens, width).
+    """``gram += rowsᵀ rows`` in place, on and above the diagonal; ``rows`` is (tokens, width).
 
-    XᵀX is symmetric, so of its blocks (split at ``edges``, by default ``triangle_edges`` for the rows'
-    precision) only those on and above the diagonal are computed: with k blocks, (k + 1) / 2k of the full
-    product's arithmetic. The blocks below the diagonal are left as they are; ``mirror_gram`` (given the
-    same edges) fills them in."""
-    edges = triangle_edges(rows.shape[1], rows.dtype) if edges is None else edges
+    XᵀX is symmetric, so only its upper triangle is needed. Float32/float64 rows on the CPU (with a Gram
+    matrix of their precision) go to one symmetric rank-k update, which computes exactly that triangle.
+    Otherwise the matrix is split into column blocks at ``edges`` (by default ``triangle_edges`` for the
+    rows' precision) and only the blocks on and above the diagonal are computed: with k blocks, (k + 1) / 2k
+    of the full product's arithmetic. Either way nothing below a diagonal block is touched, and within
+    the diagonal blocks only the upper triangle is to be read: ``mirror_gram`` (given the same edges)
+    fills in the rest."""
+    syrk = _syrk(rows.dtype) if gram.device.type == "cpu" and gram.dtype == rows.dtype else None
+    if syrk is not None and rows.shape[0] > 0 and gram.stride(1) == 1:
+        rows = _row_major(rows)
+        if max(rows.shape[0] * rows.stride(0), gram.shape[0] * gram.stride(0)) <= _INT32_MAX:
+            syrk(gram, rows)
+            return
+    add_block_triangle(gram, rows, triangle_edges(rows.shape[1], rows.dtype) if edges is None else edges)
+
+
+def add_block_triangle(gram: torch.Tensor, rows: torch.Tensor, edges: list[int]) -> None:
+    """``gram += rowsᵀ rows`` on the blocks (split at ``edges``) on and above the diagonal, each block by
+    one matrix product (``add_product``)."""
     for start, end in zip(edges, edges[1:]):
         add_product(gram[start:end, start:], rows[:, start:end], rows[:, start:])
 
 
 def mirror_gram(gram: torch.Tensor, edges: list[int]) -> torch.Tensor:
-    """``gram`` (summed by ``add_gram`` with the same ``edges``) made whole, in place: each block below the
-    diagonal becomes the transpose of its mirror image above it. Returns ``gram``."""
+    """``gram`` (summed by ``add_gram`` with the same ``edges``) made whole and exactly symmetric, in place:
+    each block below the diagonal becomes the transpose of its mirror image above it, and each diagonal
+    block is mirrored from its upper triangle. Returns ``gram``."""
     for start, end in zip(edges, edges[1:]):
         gram[end:, start:end] = gram[start:end, end:].T
+        diagonal = gram[start:end, start:end]
+        below = torch.ones_like(diagonal, dtype=torch.bool).tril_(-1)
+        diagonal.copy_(torch.where(below, diagonal.T, diagonal))
     return gram
 
 

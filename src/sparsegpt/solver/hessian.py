@@ -13,7 +13,7 @@ from sparsegpt.solver.gram import add_gram, mirror_gram, triangle_edges
 @dataclass
 class InputStatistics:
     """Running Gram matrix XᵀX over the rows x (tokens) that a linear layer reads, in fp32 (or fp64).
-    Only its upper block triangle is summed (``gram.add_gram``); ``hessian`` returns the whole matrix.
+    Only its upper triangle is summed (``gram.add_gram``); ``hessian`` returns the whole matrix.
 
     With ``full=False`` only diag(XᵀX) is kept: ``column_norms`` works, ``hessian`` does not. With
     ``operands`` (torch.bfloat16 or torch.float16) the inputs are rounded to that precision first, as a
