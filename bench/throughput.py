@@ -9,9 +9,12 @@ is set by), and for float32 that of MKL's symmetric rank-k update (what ``add_gr
 then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky factorization, the
 triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
 identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
-a factorization or a triangular inverse).
+a factorization or a triangular inverse). The ``block`` section (not run by default) times one block
+forward of smollm2-135m (block 3, 8 × 512 tokens of sotu:train) in float32 and under bf16 autocast, and
+splits it by the profiler into matrix products, attention and everything else (norms, rotary embeddings,
+activations, casts of the inputs, residual adds; each weight is cast once per context, as in a pass): what bounds a forward pass's rate besides the matrix products.
 
-    python bench/throughput.py [--sections linear,gram,factorization]
+    python bench/throughput.py [--sections linear,gram,factorization,block]
 """
 
 from __future__ import annotations
@@ -97,6 +100,42 @@ def factorization_timings(width: int, repeats: int = 3) -> dict[str, dict[str, f
     return timings
 
 
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
+    """Milliseconds of one block forward (median of ``repeats``) and its profiled parts, by precision."""
+    import sparsegpt
+    from sparsegpt import PruneConfig, data, pipeline
+    from sparsegpt.api import calibration_windows
+    from sparsegpt.models import find_blocks
+
+    model, tokenizer, _ = sparsegpt.load_model("smollm2-135m", dtype="float32")
+    windows = calibration_windows(model, tokenizer, data.load_text("sotu:train"), PruneConfig(seqlen=512))
+    blocks = find_blocks(model)
+    hidden, calls = pipeline.capture_block_inputs(model, blocks, [windows[:8]])
+    block, states, call = blocks[3].module, hidden[0], calls[3][0]
+    parts = {}
+    for name, precision in (("float32", None), ("bfloat16", "bfloat16")):
+        # one context for all calls, as in a pass of the pipeline: autocast casts each weight once
+        with pipeline.forward_precision(precision, torch.device("cpu")):
+            milliseconds = 1e3 * median_seconds(lambda: call.run(block, states), repeats)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                for _ in range(repeats):
+                    call.run(block, states)
+        self_ms: dict[str, float] = {"matrix_products": 0.0, "attention": 0.0, "rest": 0.0}
+        for event in profile.key_averages():
+            kind = "matrix_products" if event.key in MATRIX_PRODUCTS else "rest"
+            kind = "attention" if "scaled_dot_product" in event.key else kind
+            self_ms[kind] += event.self_cpu_time_total / 1e3 / repeats
+        profiled = sum(self_ms.values())
+        # the profiled parts, scaled to the unprofiled median (the profiler's own overhead spread evenly)
+        parts[name] = {"ms": round(milliseconds, 1)} | {
+            kind: round(milliseconds * value / profiled, 1) for kind, value in self_ms.items()
+        }
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="linear,gram,factorization", help="which measurements, comma-separated")
@@ -119,6 +158,8 @@ def main() -> None:
         }
     if "factorization" in sections:
         result["factorization"] = {width: factorization_timings(width) for width in (1536, 4096, 11008)}
+    if "block" in sections:
+        result["block_forward"] = block_forward_parts()
     print(json.dumps(result))
 
 
