@@ -89,6 +89,22 @@ def test_quantized_entries_decode_the_same(rows, cols, bits, group, symmetric, s
     assert_all_decode_to(tensor, entry, parts)
 
 
+@pytest.mark.parametrize("seed", [4740, *range(12)])  # 4740: the case hypothesis found
+def test_bf16_weights_on_a_grid_finer_than_bf16_encode_exactly(seed):
+    # 8-bit codes with scales up to 0.1 reach |w| ≈ 25, where bf16's spacing (0.125) is wider than the
+    # grid's: a stored value's nearest grid point need not be the one it was rounded from
+    tensor, quant = on_grid(7, 92, 8, None, False, torch.bfloat16, torch.ones(7, 92, dtype=torch.bool), seed)
+    entry, parts = encode_tensor("w", tensor, quant, patterns=())
+    assert_all_decode_to(tensor, entry, parts)
+
+
+def test_weights_off_their_grid_are_refused():
+    tensor, quant = on_grid(5, 64, 4, 32, False, torch.float32, torch.ones(5, 64, dtype=torch.bool), 1)
+    tensor[0, 0] += quant.scales[0, 0].float() * 0.37
+    with pytest.raises(SparseGPTError, match="not on the quantization grid"):
+        encode_tensor("w", tensor, quant, patterns=())
+
+
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 4), (4, 8), (6, 8), (5, 8)])
 @pytest.mark.parametrize("bits", [None, 4, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

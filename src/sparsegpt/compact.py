@@ -204,7 +204,20 @@ def _codes(name: str, matrix: torch.Tensor, layout: Layout, quant: QuantSpec) ->
     scale, zero = _per_entry(quant.scales, group, layout), _per_entry(quant.zeros, group, layout)
     values = layout.gather(matrix)
     codes = quantize(values.float(), scale, zero, quant.grid.max_code)
-    if not same_bits(dequantize(codes, scale, zero).to(values.dtype), values):
+    wrong = _integer_view(dequantize(codes, scale, zero).to(values.dtype)) != _integer_view(values)
+    # In a 16-bit tensor a grid finer than the format's spacing (8-bit codes and bf16 weights) has grid
+    # points that round to the same stored value, and a stored value whose nearest grid point is not the
+    # one it was rounded from; its code is then a neighbour: |v| ≤ 255·s keeps bf16's rounding of v
+    # within about one step s of its grid point, so two steps either way always suffice.
+    for step in (1, -1, 2, -2):
+        if not wrong.any():
+            break
+        candidates = (codes[wrong] + step).clamp_(0, quant.grid.max_code)
+        decoded = dequantize(candidates, scale[wrong], zero[wrong]).to(values.dtype)
+        hit = _integer_view(decoded) == _integer_view(values[wrong])
+        codes[wrong] = torch.where(hit, candidates, codes[wrong])
+        wrong[wrong.clone()] = ~hit
+    if wrong.any():
         raise SparseGPTError(f"{name}: the weights are not on the quantization grid recorded for them")
     return codes.to(torch.uint8)
 
