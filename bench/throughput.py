@@ -12,7 +12,8 @@ identity, and the whole ``inverse_factor`` in both factorizations; seconds and u
 a factorization or a triangular inverse). The ``block`` section (not run by default) times one block
 forward of smollm2-135m (block 3, 8 × 512 tokens of sotu:train) in float32 and under bf16 autocast, and
 splits it by the profiler into matrix products, attention and everything else (norms, rotary embeddings,
-activations, casts of the inputs, residual adds; each weight is cast once per context, as in a pass): what bounds a forward pass's rate besides the matrix products.
+activations, casts of the inputs, residual adds; each weight is cast once per context, as in a pass):
+what bounds a forward pass's rate besides the matrix products.
 
     python bench/throughput.py [--sections linear,gram,factorization,block]
 """
