@@ -19,6 +19,7 @@ and scatter of the paired perplexity differences (at 2:4 a single pair of runs s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -116,7 +117,8 @@ def main() -> None:
     del model
 
     summary = []
-    for seed, pattern in [(seed, pattern) for seed in samples for pattern in args.patterns.split(",")]:
+    patterns = args.patterns.split(",")
+    for seed, pattern in itertools.product(samples, patterns):
         calib = samples[seed]
         runs = [
             run_side(args, side, pattern, number, calib) for number in range(args.repeats) for side in ("ours", "peer")
@@ -145,7 +147,7 @@ def main() -> None:
             f"| {level['time_ratio']:.2f} | {level['ours_peak_rss_gib']:.2f} / {level['peer_peak_rss_gib']:.2f} "
             f"| {level['ours_ppl']:.3f} | {level['peer_ppl']:.3f} | {level['ppl_difference']:+.2%} |"
         )
-    for pattern in args.patterns.split(","):
+    for pattern in patterns:
         differences = [level["ppl_difference"] for level in summary if level["pattern"] == pattern]
         if len(differences) > 1:
             spread = statistics.stdev(differences)

@@ -203,21 +203,25 @@ def _codes(name: str, matrix: torch.Tensor, layout: Layout, quant: QuantSpec) ->
         raise SparseGPTError(f"{name}: its quantization grid is {list(quant.scales.shape)}, expected {list(expected)}")
     scale, zero = _per_entry(quant.scales, group, layout), _per_entry(quant.zeros, group, layout)
     values = layout.gather(matrix)
+    stored = _integer_view(values)
+
+    def reproduces(candidates: torch.Tensor) -> torch.Tensor:
+        return _integer_view(dequantize(candidates, scale, zero).to(values.dtype)) == stored
+
     codes = quantize(values.float(), scale, zero, quant.grid.max_code)
-    wrong = _integer_view(dequantize(codes, scale, zero).to(values.dtype)) != _integer_view(values)
+    found = reproduces(codes)
     # In a 16-bit tensor a grid finer than the format's spacing (8-bit codes and bf16 weights) has grid
     # points that round to the same stored value, and a stored value whose nearest grid point is not the
     # one it was rounded from; its code is then a neighbour: |v| ≤ 255·s keeps bf16's rounding of v
     # within about one step s of its grid point, so two steps either way always suffice.
     for step in (1, -1, 2, -2):
-        if not wrong.any():
+        if found.all():
             break
-        candidates = (codes[wrong] + step).clamp_(0, quant.grid.max_code)
-        decoded = dequantize(candidates, scale[wrong], zero[wrong]).to(values.dtype)
-        hit = _integer_view(decoded) == _integer_view(values[wrong])
-        codes[wrong] = torch.where(hit, candidates, codes[wrong])
-        wrong[wrong.clone()] = ~hit
-    if wrong.any():
+        candidates = (codes + step).clamp_(0, quant.grid.max_code)
+        better = reproduces(candidates).logical_and_(found.logical_not())
+        codes = torch.where(better, candidates, codes)
+        found.logical_or_(better)
+    if not found.all():
         raise SparseGPTError(f"{name}: the weights are not on the quantization grid recorded for them")
     return codes.to(torch.uint8)
 

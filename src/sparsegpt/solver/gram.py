@@ -111,6 +111,13 @@ def native_mixed_gram(dtype: torch.dtype) -> bool:
 
 _INT32_MAX = 2**31 - 1
 
+
+def _addressable(*matrices: tuple[int, int]) -> bool:
+    """Whether every (rows, leading dimension) matrix spans fewer elements than a 32-bit integer counts,
+    as the MKL routines here need."""
+    return all(rows * leading <= _INT32_MAX for rows, leading in matrices)
+
+
 TRIANGLE_BLOCKS = {torch.float32: 192, torch.bfloat16: 512, torch.float16: 512}
 """Width of the column blocks that split a Gram matrix for ``add_gram``, by the inputs' precision: the
 narrower the blocks, the less arithmetic, but the slower each product. ``bench/throughput.py`` (4096
@@ -139,7 +146,7 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = N
     syrk = _syrk(rows.dtype) if gram.device.type == "cpu" and gram.dtype == rows.dtype else None
     if syrk is not None and rows.shape[0] > 0 and gram.stride(1) == 1:
         rows = _row_major(rows)
-        if max(rows.shape[0] * rows.stride(0), gram.shape[0] * gram.stride(0)) <= _INT32_MAX:
+        if _addressable((rows.shape[0], rows.stride(0)), (gram.shape[0], gram.stride(0))):
             syrk(gram, rows)
             return
     add_block_triangle(gram, rows, triangle_edges(rows.shape[1], rows.dtype) if edges is None else edges)
@@ -175,7 +182,7 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         left, right = _row_major(left), _row_major(right)
         tokens, (m, n) = left.shape[0], out.shape
         (lda, ldb, ldc) = left.stride(0), right.stride(0), out.stride(0)
-        if out.stride(1) == 1 and max(tokens * lda, tokens * ldb, m * ldc) <= _INT32_MAX:
+        if out.stride(1) == 1 and _addressable((tokens, lda), (tokens, ldb), (m, ldc)):
             # row-major C (m × n) = 1·Aᵀ B + 1·C: A is (tokens × m), B (tokens × n)
             a, b, c = left.data_ptr(), right.data_ptr(), out.data_ptr()
             routine(_ROW_MAJOR, _TRANSPOSE, _NO_TRANSPOSE, m, n, tokens, 1.0, a, lda, b, ldb, 1.0, c, ldc)
