@@ -224,3 +224,21 @@ def test_quantized_compact_prune_evaluates_and_converts(workspace, capsys, tmp_p
     assert json.loads((tmp_path / "again" / "sparsegpt_compact.json").read_text()) == json.loads(first)
     code, _, stderr = run(capsys, "pack", str(tmp_path / "plain"), str(tmp_path / "again"))
     assert code == 2 and "not empty" in stderr
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["prune", "smollm2-135m", "-o", "out", "--method", "nosuch"], "invalid choice: 'nosuch'"),
+        (["prune", "smollm2-135m"], "required: -o/--output"),
+        (["prune", "smollm2-135m", "-o", "out", "--sparsity", "half"], "invalid float value: 'half'"),
+        (["nosuch"], "invalid choice: 'nosuch'"),
+        ([], "required: command"),
+    ],
+)
+def test_a_command_line_that_does_not_parse_gets_one_line_and_exit_2(capsys, argv, words):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("sparsegpt") and words in err and "--help" in err

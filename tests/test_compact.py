@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from sparsegpt import PruneConfig, QuantGrid, load_pretrained, pack_folder, unpack_folder
 from sparsegpt.api import quant_specs
-from sparsegpt.compact import (
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats.compact import (
     MANIFEST,
     QUANT_SIDECAR,
     QuantSpec,
@@ -21,7 +22,6 @@ from sparsegpt.compact import (
     unpack_bits,
     write_quant_sidecar,
 )
-from sparsegpt.errors import SparseGPTError
 from sparsegpt.pipeline import prune_model
 from sparsegpt.solver import NMPattern, sparsegpt_prune
 

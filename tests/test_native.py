@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsegpt.compact import QuantSpec, _kernel, decode_tensor, encode_tensor, native_decoding, same_bits
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats.compact import QuantSpec, _kernel, decode_tensor, encode_tensor, native_decoding, same_bits
 from sparsegpt.solver.quant import QuantGrid, dequantize_groups
 
 DECODERS = {"vector": {"vector": True}, "portable": {"vector": False}, "python": {"native": False}}

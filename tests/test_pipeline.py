@@ -267,6 +267,6 @@ def test_bad_numbers_are_refused():
 def test_allocator_tuning_applies_on_glibc():
     import platform
 
-    from sparsegpt.runtime import keep_freed_memory
+    from sparsegpt.host import keep_freed_memory
 
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")

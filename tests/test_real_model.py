@@ -66,7 +66,7 @@ def test_enwiki_is_plain_article_text():
 def test_joint_4_bit_prune_saves_compact_and_loads_back_exactly(dense, tmp_path):
     from safetensors import safe_open
 
-    from sparsegpt.compact import read_manifest, same_bits
+    from sparsegpt.formats.compact import read_manifest, same_bits
 
     config = PruneConfig(bits=4, group_size=128, **SMALL)  # 576 inputs: four groups of 128 and one of 64
     result = sparsegpt.prune(fresh(dense), config, "sotu:train", EVAL)

@@ -9,7 +9,7 @@ from test_pipeline import calibration
 from sparsegpt import PruneConfig, prune_model
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.models import find_blocks
-from sparsegpt.pipeline import overall_sparsity
+from sparsegpt.report import overall_sparsity
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
 from sparsegpt.solver.allocation import outlier_count, owl_counts
 from sparsegpt.solver.baselines import layer_loss
@@ -176,7 +176,7 @@ def test_bad_combinations_are_refused(settings_, message):
 def test_streaming_refuses_owl_but_streams_the_per_layer_options(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sparsegpt import streamed
+    from sparsegpt.streaming import driver as streamed
 
     from tiny import llama_folder
 

@@ -16,10 +16,10 @@ from safetensors import safe_open
 
 from sparsegpt import PruneConfig, PruneResult, load_pretrained, prune_model
 from sparsegpt.cli import main
-from sparsegpt.compact import read_quant_sidecar, same_bits
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.evaluate import perplexity
-from sparsegpt.streamed import PROGRESS_NAME, partial_folder, perplexity_streamed, plan, prune_streamed
+from sparsegpt.formats.compact import read_quant_sidecar, same_bits
+from sparsegpt.perplexity import perplexity
+from sparsegpt.streaming.driver import PROGRESS_NAME, partial_folder, perplexity_streamed, plan, prune_streamed
 
 from tiny import VOCAB, llama_folder, tiny_model
 
@@ -205,7 +205,10 @@ def test_killed_at_a_random_moment_resumes_to_the_same_bytes(deep_folder, uninte
         pytest.fail(f"the run ended before it could be killed (block {after_block}, delay {delay:.2f} s)")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not out.exists()
+    if out.exists():  # on a fast host the kill can land after the output was moved into place: it is whole
+        assert _bytes_of(out) == uninterrupted
+        assert not partial_folder(out).exists()
+        return
     resumed = subprocess.run(_command(deep_folder, out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after block" in resumed.stdout
@@ -213,7 +216,9 @@ def test_killed_at_a_random_moment_resumes_to_the_same_bytes(deep_folder, uninte
     assert not partial_folder(out).exists()
 
 
-def test_a_partial_run_is_kept_until_resumed_with_the_same_settings_or_overwritten(deep_folder, tmp_path):
+def test_a_partial_run_is_kept_until_resumed_with_the_same_settings_or_overwritten(
+    deep_folder, uninterrupted, tmp_path
+):
     out = tmp_path / "out"
     process = subprocess.Popen(_command(deep_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = partial_folder(out) / PROGRESS_NAME
@@ -225,6 +230,9 @@ def test_a_partial_run_is_kept_until_resumed_with_the_same_settings_or_overwritt
     assert refused.returncode == 2 and "--resume" in refused.stderr
     other = subprocess.run(_command(deep_folder, out, "--resume", "--sparsity", "0.6"), capture_output=True, text=True)
     assert other.returncode == 2 and "different config" in other.stderr
+    resumed = subprocess.run(_command(deep_folder, out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed after block" in resumed.stdout, resumed.stderr
+    assert _bytes_of(out) == uninterrupted and not partial_folder(out).exists()
     fresh = subprocess.run(_command(deep_folder, out, "--overwrite", "--sparsity", "0.6"), capture_output=True)
     assert fresh.returncode == 0 and out.is_dir() and not partial_folder(out).exists()
 

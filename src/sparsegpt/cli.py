@@ -7,16 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from sparsegpt.config import ALLOCATIONS, FORWARD_DTYPES, METHODS, PruneConfig, parse_override
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.host import keep_freed_memory, resolve_device, return_freed_memory
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.refine import MASK_SCORES
-from sparsegpt.stream import resolve_device
 
 EXIT_USAGE = 2
 DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train --eval sotu:test"
@@ -109,8 +109,16 @@ def _add_stream_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a command line it cannot parse gets the project's one line (and a pointer to
+    ``--help``) instead of the whole usage text; argparse makes its subcommand parsers of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsegpt", description="One-shot pruning of causal language models.")
+    parser = _Parser(prog="sparsegpt", description="One-shot pruning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -248,7 +256,8 @@ def _comparison_table(result: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int | None:
     """Carry out a parsed command; returns an exit status when it is not 0."""
     import sparsegpt
-    from sparsegpt import assets, io
+    from sparsegpt import assets
+    from sparsegpt.formats import atomic
 
     progress = not args.quiet
     if args.command == "fetch-assets":
@@ -303,14 +312,14 @@ def _run(args: argparse.Namespace) -> int | None:
         return _launch(args.processes, args.argv)
     if args.command == "prune":
         config = _config(args, args.method)
-        io.check_output_folder(args.output, args.overwrite)
+        atomic.check_output_folder(args.output, args.overwrite)
         if ranks is not None and not ranks.leader:  # followers prune their share; the leader saves and reports
             sparsegpt.prune(args.model, config, args.calib, [], args.dtype, False, ranks, args.device)
             return
         result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress, ranks, args.device)
         result.save(args.output, args.overwrite, compact_format=args.format == "compact")
         if args.report:
-            io.write_json_atomically(args.report, result.report())
+            atomic.write_json_atomically(args.report, result.report())
         print(_layer_table(result.layers))
         print(
             f"\n{result.config.method}: sparsity {result.sparsity:.4f} in {result.prune_seconds:.1f} s; saved to {args.output}"
@@ -329,7 +338,7 @@ def _run(args: argparse.Namespace) -> int | None:
         return _sweep(args, methods, config, evaluations, progress)
     comparison = sparsegpt.compare(args.model, methods, config, args.calib, evaluations, args.dtype, progress)
     if args.report:
-        io.write_json_atomically(args.report, comparison)
+        atomic.write_json_atomically(args.report, comparison)
     print(
         f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
     )
@@ -340,22 +349,22 @@ def _sweep(
     args: argparse.Namespace, methods: list[str], config: PruneConfig, evaluations: list[Any], progress: bool
 ) -> None:
     import sparsegpt
-    from sparsegpt import io
+    from sparsegpt.formats import atomic
     from sparsegpt.plot import plot_sweep
 
     levels = [text.strip() for text in f"{args.sparsities},{args.patterns}".split(",") if text.strip()]
     if not levels:
         raise SparseGPTError("give at least one level with --sparsities or --patterns")
-    io.check_output_folder(args.output, args.overwrite)
+    atomic.check_output_folder(args.output, args.overwrite)
     result = sparsegpt.sweep(args.model, methods, levels, config, args.calib, evaluations, args.dtype, progress)
     table = _sweep_table(result)
 
     def fill(folder: Path) -> None:
-        io.write_json_atomically(folder / "sweep.json", result)
+        atomic.write_json_atomically(folder / "sweep.json", result)
         (folder / "sweep.md").write_text(table + "\n")
         plot_sweep(result, folder / "sweep.png")
 
-    io.write_folder_atomically(args.output, fill, args.overwrite)
+    atomic.write_folder_atomically(args.output, fill, args.overwrite)
     print(table)
     for item in result["skipped"]:
         print(f"skipped {item['method']} at {item['level']}: {item['reason']}")
@@ -403,7 +412,7 @@ def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: 
     if args.dry_run:
         plan = sparsegpt.plan_streamed(args.model, config, args.dtype, args.device, args.offload_dir)
         print(_plan_text(plan))
-        from sparsegpt.streamed import check_plan
+        from sparsegpt.streaming.driver import check_plan
 
         check_plan(plan)
         return
@@ -459,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    from sparsegpt.runtime import keep_freed_memory, return_freed_memory
 
     # a streamed run is about peak memory: freed memory goes back to the system there
     if any(getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run")):

@@ -1,4 +1,4 @@
-"""Where the model is walked: loading checkpoints, finding decoder blocks and their linear weights.
+"""Where the model is walked: its decoder blocks, their linear weights, and what its config says.
 
 Nothing here is specific to one architecture. Decoder blocks are the largest ``nn.ModuleList`` of
 same-class modules; their prunable weights are every ``nn.Linear``, every GPT-2 style ``Conv1D`` (which
@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsegpt import compact
 from sparsegpt.errors import SparseGPTError
 
 log = logging.getLogger(__name__)
@@ -170,96 +169,3 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     if name not in DTYPES:
         raise SparseGPTError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]
-
-
-def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
-    """Load a causal LM and its tokenizer from an alias, a GGUF file, a transformers folder or a hub id.
-
-    Returns (model in eval mode, tokenizer, a one-line description of where the weights came from).
-    """
-    from sparsegpt import assets
-
-    torch_dtype = resolve_dtype(dtype)
-    if spec in assets.MODEL_ALIASES:
-        folder = assets.model_folder(spec)
-        model, tokenizer = _from_pretrained(str(folder), torch_dtype)
-        return model, tokenizer, assets.MODEL_ALIASES[spec].description
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise SparseGPTError(f"no such GGUF file: {spec}")
-        model, tokenizer = load_gguf(path)
-        if torch_dtype != "auto":
-            model = model.to(torch_dtype)
-        return model, tokenizer, f"{path.name}, dequantized from GGUF"
-    if path.exists() and not path.is_dir():
-        raise SparseGPTError(f"{spec} is neither a model folder nor a .gguf file")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SparseGPTError(f"{spec} is not a transformers model folder (no config.json)")
-        if compact.is_compact(path):
-            return compact.load_compact(path, torch_dtype), _tokenizer(str(path)), f"{path} (compact)"
-        model, tokenizer = _from_pretrained(str(path), torch_dtype)
-        return model, tokenizer, str(path)
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        known = ", ".join(sorted(assets.MODEL_ALIASES))
-        raise SparseGPTError(f"no model folder, GGUF file or alias named {spec!r} (aliases: {known})")
-    model, tokenizer = _from_pretrained(spec, torch_dtype)
-    return model, tokenizer, f"{spec} from the Hugging Face Hub"
-
-
-def load_pretrained(path: str | Path, dtype: str = "auto") -> nn.Module:
-    """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call."""
-    folder = Path(path)
-    torch_dtype = resolve_dtype(dtype)
-    if not (folder / "config.json").is_file():
-        raise SparseGPTError(f"{folder} is not a transformers model folder (no config.json)")
-    if compact.is_compact(folder):
-        return compact.load_compact(folder, torch_dtype)
-    return _from_pretrained(str(folder), torch_dtype, tokenizer=False)[0]
-
-
-def _from_pretrained(source: str, torch_dtype: torch.dtype | str, tokenizer: bool = True) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise SparseGPTError(f"cannot load model {source}: {_first_line(error)}") from error
-    return model.eval(), _tokenizer(source) if tokenizer else None
-
-
-def _tokenizer(source: str) -> object:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as error:
-        raise SparseGPTError(f"cannot load the tokenizer of {source}: {_first_line(error)}") from error
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def load_gguf(path: Path) -> tuple[nn.Module, object]:
-    """Dequantize a GGUF checkpoint into a plain fp32 transformers model (one that can be saved).
-
-    transformers marks a GGUF-loaded model as quantized and refuses to save it, so the weights are copied
-    into a model built from the same config without the quantization entry.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise SparseGPTError(f"cannot read GGUF file {path}: {str(error).splitlines()[0]}") from error
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = path.stem
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.tie_weights()
-    return plain.eval(), tokenizer

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from sparsegpt.config import PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.host import native_bfloat16
 from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
+from sparsegpt.report import LayerRecord
 from sparsegpt.solver import (
     InputStatistics,
     InverseFactor,
@@ -42,34 +44,6 @@ from sparsegpt.solver.allocation import outlier_count, owl_counts
 from sparsegpt.solver.refine import fixed_mask, mask_scores, refine_weights, repair_mask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerRecord:
-    """What happened to one weight matrix."""
-
-    name: str
-    shape: list[int]
-    sparsity: float
-    error: float | None
-    seconds: float
-    damp: float | None = None
-    note: str | None = None
-    swaps: int | None = None  # mask repair: prune-and-grow pairs taken
-    refine_iterations: int | None = None
-    scales: torch.Tensor | None = field(default=None, repr=False)  # quantized: grid per (row, group)
-    zeros: torch.Tensor | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record as the report shows it (grids left out)."""
-        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in ("scales", "zeros")}
-
-
-def overall_sparsity(layers: list[LayerRecord]) -> float:
-    """Share of zeros over all the weights of ``layers``."""
-    total = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in layers)
-    return zeros / total if total else 0.0
 
 
 @dataclass
@@ -418,19 +392,6 @@ def forward_precision(forward_dtype: str | None, device: torch.device) -> contex
     if forward_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware (faster than float32, not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return False
-    probes = (torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported)  # private, yet stable
-    try:
-        return any(probe() for probe in probes)
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device: torch.device) -> str | None:

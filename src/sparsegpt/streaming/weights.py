@@ -1,18 +1,15 @@
-"""Models that never have to fit in memory: weights are read block by block from safetensors shards.
+"""Where a streamed model's weights come from: read block by block from a folder's safetensors files.
 
 A *skeleton* is the model built without weights (parameters on the meta device, buffers real). The
 small parts outside the decoder blocks (embeddings, final norm, lm_head) are loaded once; each block's
 tensors are read from the shards when that block is processed and dropped after it. The pipeline
-(``pipeline.py``) is the same one that prunes in-memory models; this module only moves weights.
+(``sparsegpt.pipeline``) is the same one that prunes in-memory models; this module only moves weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,87 +19,11 @@ import torch
 from torch import nn
 
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats import compact
+from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, read_header, read_tensor
 from sparsegpt.models import Block, config_dtype, find_block_list, find_weights, prefer_eager_experts, read_config
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """The data offset and the tensor entries of a safetensors file, checked against its size."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if length <= 0 or 8 + length > size:
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError) as error:
-        raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
-    header.pop("__metadata__", None)
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        dtype = _DTYPES.get(entry["dtype"])
-        count = math.prod(entry["shape"])
-        if dtype is None or end - begin != count * _itemsize(dtype) or 8 + length + end > size:
-            raise SparseGPTError(f"{path.name}: tensor {name} is truncated or malformed")
-    return 8 + length, header
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file written tensor by tensor (no serialized copy of the whole file in memory)."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with path.open("wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-            handle.write(memoryview(flat.view(torch.uint8).numpy()))
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read (not mapped)."""
-    start, header = read_header(path)
-    tensors = {}
-    with path.open("rb") as handle:
-        for name, entry in header.items():
-            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-            handle.seek(start + entry["data_offsets"][0])
-            handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            tensors[name] = tensor
-    return tensors
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class WeightSource:
@@ -209,13 +130,7 @@ class WeightSource:
         entry = header.get(name)
         if entry is None:
             raise SparseGPTError(f"{path.name}: the index places {name} here, but the file lacks it")
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-        size = entry["data_offsets"][1] - entry["data_offsets"][0]
-        with path.open("rb") as handle:
-            handle.seek(start + entry["data_offsets"][0])
-            if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != size:
-                raise SparseGPTError(f"{path.name}: tensor {name} is truncated")
-        return tensor
+        return read_tensor(path, start, name, entry)
 
     def nbytes(self) -> int:
         """Total size of the weight files."""
@@ -306,21 +221,6 @@ def _to_meta(module: nn.Module) -> None:
                 owner._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (the accelerator when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SparseGPTError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SparseGPTError(f"device {name} asked for, but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise SparseGPTError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
-    return device
-
-
 def open_skeleton(
     folder: Path, dtype: torch.dtype | str, device: torch.device, stack: ExitStack, load: bool = True
 ) -> Skeleton:
@@ -328,8 +228,6 @@ def open_skeleton(
     blocks onto ``device``."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from sparsegpt import compact
 
     if compact.is_compact(folder):
         raise SparseGPTError(f"{folder} is a compact folder; streaming reads plain ones (sparsegpt unpack first)")
@@ -368,115 +266,3 @@ def open_skeleton(
     if missing:
         raise SparseGPTError(f"{folder}: the weights lack tensor {missing[0]}")
     return Skeleton(model, list_name, blocks, source, dtype, device)
-
-
-class Activations:
-    """The hidden states of every calibration batch between two blocks, list-like: in CPU memory, or
-    spilled to one safetensors file per batch in ``folder``. Handed out on ``device``.
-
-    Writes go to the next *generation*; ``commit`` makes it the one read (so an interrupted block leaves
-    the previous generation whole), ``drop_old`` deletes the generation before it.
-    """
-
-    def __init__(self, count: int, device: torch.device, folder: Path | None = None, generation: int = 0) -> None:
-        self.count = count
-        self.device = device
-        self.folder = folder
-        self.generation = generation
-        self._memory: list[torch.Tensor | None] = [None] * count
-        self._next: list[torch.Tensor | None] = [None] * count
-
-    def _path(self, generation: int, batch: int) -> Path:
-        assert self.folder is not None
-        return self.folder / f"hidden-{generation:05d}-{batch:05d}.safetensors"
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (self[batch] for batch in range(self.count))
-
-    def __getitem__(self, batch: int) -> torch.Tensor:
-        if self.folder is None:
-            tensor = self._memory[batch]
-            assert tensor is not None
-            return tensor.to(self.device)
-        return load_safetensors(self._path(self.generation, batch))["hidden"].to(self.device)
-
-    def __setitem__(self, batch: int, tensor: torch.Tensor) -> None:
-        if self.folder is None:
-            self._next[batch] = tensor.to("cpu")
-            return
-        save_durably({"hidden": tensor}, self._path(self.generation + 1, batch))
-
-    def fill(self, tensors: list[torch.Tensor]) -> None:
-        """Set every batch and commit (the states entering the first block)."""
-        for batch, tensor in enumerate(tensors):
-            self[batch] = tensor
-        self.commit()
-
-    def commit(self) -> None:
-        """Make the states written since the last commit the ones read."""
-        if self.folder is None:
-            self._memory, self._next = self._next, [None] * self.count
-        self.generation += 1
-
-    def drop_old(self) -> None:
-        """Delete the generation before the current one (spilled states only)."""
-        if self.folder is not None:
-            for batch in range(self.count):
-                self._path(self.generation - 1, batch).unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        """Forget every state (deletes spilled files)."""
-        if self.folder is not None:
-            for generation in (self.generation - 1, self.generation, self.generation + 1):
-                for batch in range(self.count):
-                    self._path(generation, batch).unlink(missing_ok=True)
-        self._memory = [None] * self.count
-        self._next = [None] * self.count
-
-    def checkpoint(self, folder: Path) -> dict[str, Any]:
-        """Make the current generation durable; returns what ``restore`` needs."""
-        if self.folder is not None:
-            return {"folder": str(self.folder), "generation": self.generation}
-        name = f"activations-{self.generation:05d}.safetensors"
-        save_durably(
-            {f"{batch}": tensor for batch, tensor in enumerate(self._memory) if tensor is not None}, folder / name
-        )
-        return {"file": name, "generation": self.generation}
-
-    def forget_checkpoint(self, folder: Path, saved: dict[str, Any]) -> None:
-        """Delete a checkpoint that a newer one replaced."""
-        if "file" in saved:
-            (folder / saved["file"]).unlink(missing_ok=True)
-
-    @classmethod
-    def restore(cls, saved: dict[str, Any], count: int, device: torch.device, folder: Path) -> Activations:
-        """The store a ``checkpoint`` described."""
-        if "file" not in saved:
-            store = cls(count, device, Path(saved["folder"]), int(saved["generation"]))
-            missing = [b for b in range(count) if not store._path(store.generation, b).is_file()]
-            if missing:
-                raise SparseGPTError(f"cannot resume: spilled activations are missing from {store.folder}")
-            return store
-        store = cls(count, device, None, int(saved["generation"]))
-        tensors = load_safetensors(folder / saved["file"])
-        store._memory = [tensors[f"{batch}"] for batch in range(count)]
-        return store
-
-
-def save_durably(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file through a temporary name, flushed to disk before it takes its name."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write_safetensors(tensors, temporary)
-    _fsync(temporary)
-    os.replace(temporary, path)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -23,31 +23,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparsegpt import compact
 from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.evaluate import nll_of_logits, perplexity_of
-from sparsegpt.io import REPORT_NAME, check_output_folder, publish_folder, write_json_atomically
+from sparsegpt.formats import compact
+from sparsegpt.formats.atomic import check_output_folder, publish_folder, write_json_atomically
+from sparsegpt.formats.shards import INDEX_NAME, itemsize, load_safetensors, read_header, save_durably
+from sparsegpt.host import available_memory
 from sparsegpt.models import Block, find_weights
+from sparsegpt.perplexity import nll_of_logits, perplexity_of
 from sparsegpt.pipeline import (
-    LayerRecord,
     advance_block,
     capture_block_inputs,
     chosen_weights,
     logits_after_blocks,
-    overall_sparsity,
     prune_block,
     resolve_forward_dtype,
 )
-from sparsegpt.stream import (
-    INDEX_NAME,
-    Activations,
-    Skeleton,
-    load_safetensors,
-    open_skeleton,
-    read_header,
-    save_durably,
-)
+from sparsegpt.report import REPORT_NAME, LayerRecord, prune_report
+from sparsegpt.streaming.activations import Activations
+from sparsegpt.streaming.weights import Skeleton, open_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -319,30 +313,12 @@ def _finalize(
     write_json_atomically(work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
     _copy_side_files(folder, work)
     compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
-    from sparsegpt.api import versions
-
-    report = {
-        "method": config.method,
-        "pattern": str(config.pattern) if config.pattern else None,
-        "sparsity": overall_sparsity(layers),
-        "target_sparsity": config.target_sparsity,
-        "prune_seconds": seconds,
-        "model": str(folder),
-        "streamed": True,
-        "layers": [layer.to_dict() for layer in layers],
-        "config": config.to_dict(),
-        "versions": versions(),
-    }
+    report = prune_report(config, layers, seconds, str(folder), streamed=True)
     write_json_atomically(work / REPORT_NAME, report)
     for path in list(work.iterdir()):
         if path.name == PROGRESS_NAME or path.name.startswith(("activations-", "grids-")):
             path.unlink()
     return report
-
-
-def _itemsize(dtype: str) -> int:
-    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
-    return sizes.get(dtype, 1)
 
 
 @torch.no_grad()
@@ -389,24 +365,6 @@ def perplexity_streamed(
     return perplexity_of(torch.cat(sums), windows)
 
 
-def _itemsize_of(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` (None when unknown)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 PROCESS_BASELINE = 600 * 2**20
 """Resident memory of a process that has imported torch and transformers (measured: 0.5-0.6 GiB)."""
 
@@ -425,7 +383,7 @@ def plan(
     device = device or torch.device("cpu")
     with ExitStack() as stack:
         skeleton = open_skeleton(folder, dtype, device, stack, load=False)
-        size = _itemsize_of(skeleton.dtype)
+        size = itemsize(skeleton.dtype)
         config_hidden = getattr(skeleton.model.config, "hidden_size", None)
         blocks = []
         for index, module in enumerate(skeleton.blocks):
@@ -482,7 +440,7 @@ def plan(
         "activation_bytes": activations,
         "activations_on": "disk" if spilled else "cpu",
         "peak_bytes": peaks,
-        "available_bytes": {name: _available_memory(torch.device(name)) for name in peaks},
+        "available_bytes": {name: available_memory(torch.device(name)) for name in peaks},
     }
 
 

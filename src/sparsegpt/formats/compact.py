@@ -31,7 +31,10 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
     from zlib import crc32 as _CRC32
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.io import REPORT_NAME, write_folder_atomically, write_json_atomically
+from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
+from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, itemsize
+from sparsegpt.models import config_dtype, read_config
+from sparsegpt.report import REPORT_NAME
 from sparsegpt.solver.quant import QuantGrid, dequantize, dequantize_groups, group_views, quantize
 
 FORMAT_NAME = "sparsegpt-compact"
@@ -39,7 +42,6 @@ FORMAT_VERSION = 1
 MANIFEST = "sparsegpt_compact.json"
 QUANT_SIDECAR = "sparsegpt_quant.safetensors"
 """In a plain folder: the grids (scales, zero points) of quantized weights, so that pack can store codes."""
-DENSE_INDEX = "model.safetensors.index.json"
 NM_CANDIDATES = ((2, 4), (4, 8))
 
 
@@ -186,10 +188,6 @@ def _per_entry(table: torch.Tensor, group: int, layout: Layout) -> torch.Tensor:
     return layout.gather(table.float().repeat_interleave(group, dim=1)[:, : layout.cols])
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _nm_valid(kept: torch.Tensor, n: int, m: int) -> bool:
     rows, cols = kept.shape
     return cols % m == 0 and bool((kept.reshape(rows, cols // m, m).sum(dim=2) <= m - n).all())
@@ -242,7 +240,7 @@ def encode_tensor(
     if quant is not None and quant.transposed and tensor.ndim != 2:
         raise SparseGPTError(f"{name}: only 2-D tensors can be quantized along their first dimension")
     orientations = [quant.transposed] if quant is not None else [False, True] if tensor.ndim == 2 else [False]
-    value_bits = quant.grid.bits if quant is not None else 8 * _itemsize(tensor.dtype)
+    value_bits = quant.grid.bits if quant is not None else 8 * itemsize(tensor.dtype)
     best: tuple[float, str, bool, tuple[int, int] | None] = (
         math.ceil(tensor.numel() * value_bits / 8),
         "plain" if quant is None else "full",
@@ -466,7 +464,7 @@ def _kernel() -> Any:
     """The native decoding library, or None where the optional extension was not built (then the
     numpy/torch reader decodes, bit for bit the same)."""
     try:
-        from sparsegpt import _cdecode
+        from sparsegpt.formats import _cdecode
     except ImportError:
         return None
     library = ctypes.CDLL(_cdecode.__file__)
@@ -511,13 +509,13 @@ def is_compact(folder: Path) -> bool:
 
 
 def _dense_files(folder: Path) -> list[Path]:
-    index = folder / DENSE_INDEX
+    index = folder / INDEX_NAME
     if index.is_file():
         mapping = json.loads(index.read_text())["weight_map"]
         return [folder / name for name in sorted(set(mapping.values()))]
-    single = folder / "model.safetensors"
+    single = folder / SINGLE_NAME
     if not single.is_file():
-        raise SparseGPTError(f"{folder} has no model.safetensors (or {DENSE_INDEX}) to pack")
+        raise SparseGPTError(f"{folder} has no {SINGLE_NAME} (or {INDEX_NAME}) to pack")
     return [single]
 
 
@@ -604,8 +602,8 @@ def pack_into(source: Path, target: Path) -> dict[str, Any]:
     files = _dense_files(source)
     quant = read_quant_sidecar(source)
     manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [], "tensors": {}}
-    if (source / DENSE_INDEX).is_file():
-        manifest["index"] = json.loads((source / DENSE_INDEX).read_text())
+    if (source / INDEX_NAME).is_file():
+        manifest["index"] = json.loads((source / INDEX_NAME).read_text())
     for number, path in enumerate(files, start=1):
         compact_name = f"compact-{number:05d}-of-{len(files):05d}.safetensors"
         parts: dict[str, torch.Tensor] = {}
@@ -622,7 +620,7 @@ def pack_into(source: Path, target: Path) -> dict[str, Any]:
         manifest["files"].append({"name": compact_name, "source": path.name, "metadata": metadata})
     if quant:
         raise SparseGPTError(f"{QUANT_SIDECAR} names tensors the checkpoint lacks: {', '.join(sorted(quant))}")
-    _copy_other_files(source, target, {path.name for path in files} | {DENSE_INDEX, QUANT_SIDECAR})
+    _copy_other_files(source, target, {path.name for path in files} | {INDEX_NAME, QUANT_SIDECAR})
     write_json_atomically(target / MANIFEST, manifest)
     return manifest
 
@@ -701,7 +699,7 @@ def unpack_into(source: Path, target: Path) -> None:
     for file_info in manifest["files"]:
         save_file(tensors.get(file_info["name"], {}), str(target / file_info["source"]), metadata=file_info["metadata"])
     if "index" in manifest:
-        write_json_atomically(target / DENSE_INDEX, manifest["index"])
+        write_json_atomically(target / INDEX_NAME, manifest["index"])
     write_quant_sidecar(target, specs)
     compact_files = {file_info["name"] for file_info in manifest["files"]}
     _copy_other_files(source, target, compact_files | {MANIFEST})
@@ -729,8 +727,6 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
     """A transformers model from a compact folder, decoded tensor by tensor into a model built without
     initialisation (peak memory: the dense model plus one tensor's parts)."""
     from transformers import AutoModelForCausalLM
-
-    from sparsegpt.models import config_dtype, read_config
 
     manifest = read_manifest(folder)
     config = read_config(folder)

@@ -12,8 +12,6 @@ from typing import Any
 
 from sparsegpt.errors import SparseGPTError
 
-REPORT_NAME = "sparsegpt_report.json"
-
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output path that is a file or a non-empty folder (unless overwrite)."""

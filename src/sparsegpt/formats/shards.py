@@ -1,0 +1,117 @@
+"""Plain safetensors files and the shard index of a transformers folder, read and written by hand.
+
+The ``safetensors`` package reads by memory-mapping a file (which counts as resident memory while it is
+mapped) and writes by serializing the whole file in memory first. Streaming a model block by block needs
+neither: tensors are read one at a time with plain file reads, and written tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsegpt.errors import SparseGPTError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The data offset and the tensor entries of a safetensors file, checked against its size."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise SparseGPTError(f"{path.name}: unreadable safetensors file ({error})") from None
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = DTYPES.get(entry["dtype"])
+        count = math.prod(entry["shape"])
+        if dtype is None or end - begin != count * itemsize(dtype) or 8 + length + end > size:
+            raise SparseGPTError(f"{path.name}: tensor {name} is truncated or malformed")
+    return 8 + length, header
+
+
+def read_tensor(path: Path, start: int, name: str, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of a safetensors file whose header (``read_header``: data offset ``start``, ``entry``)
+    is known, read into fresh memory."""
+    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    size = entry["data_offsets"][1] - entry["data_offsets"][0]
+    with path.open("rb") as handle:
+        handle.seek(start + entry["data_offsets"][0])
+        if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != size:
+            raise SparseGPTError(f"{path.name}: tensor {name} is truncated")
+    return tensor
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read (not mapped)."""
+    start, header = read_header(path)
+    return {name: read_tensor(path, start, name, entry) for name, entry in header.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written tensor by tensor (no serialized copy of the whole file in memory)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            handle.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def save_durably(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file through a temporary name, flushed to disk before it takes its name."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write_safetensors(tensors, temporary)
+    _fsync(temporary)
+    os.replace(temporary, path)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

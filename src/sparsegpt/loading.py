@@ -1,0 +1,83 @@
+"""From what a user names (an alias, a GGUF file, a folder plain or compact, a Hub id) to a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsegpt import assets
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats import compact
+from sparsegpt.gguf import load_gguf
+from sparsegpt.models import resolve_dtype
+
+
+def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
+    """Load a causal LM and its tokenizer from an alias, a GGUF file, a transformers folder or a hub id.
+
+    Returns (model in eval mode, tokenizer, a one-line description of where the weights came from).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if spec in assets.MODEL_ALIASES:
+        folder = assets.model_folder(spec)
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype)
+        return model, tokenizer, assets.MODEL_ALIASES[spec].description
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SparseGPTError(f"no such GGUF file: {spec}")
+        model, tokenizer = load_gguf(path)
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+        return model, tokenizer, f"{path.name}, dequantized from GGUF"
+    if path.exists() and not path.is_dir():
+        raise SparseGPTError(f"{spec} is neither a model folder nor a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SparseGPTError(f"{spec} is not a transformers model folder (no config.json)")
+        if compact.is_compact(path):
+            return compact.load_compact(path, torch_dtype), load_tokenizer(str(path)), f"{path} (compact)"
+        model, tokenizer = _from_pretrained(str(path), torch_dtype)
+        return model, tokenizer, str(path)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        known = ", ".join(sorted(assets.MODEL_ALIASES))
+        raise SparseGPTError(f"no model folder, GGUF file or alias named {spec!r} (aliases: {known})")
+    model, tokenizer = _from_pretrained(spec, torch_dtype)
+    return model, tokenizer, f"{spec} from the Hugging Face Hub"
+
+
+def load_pretrained(path: str | Path, dtype: str = "auto") -> nn.Module:
+    """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call."""
+    folder = Path(path)
+    torch_dtype = resolve_dtype(dtype)
+    if not (folder / "config.json").is_file():
+        raise SparseGPTError(f"{folder} is not a transformers model folder (no config.json)")
+    if compact.is_compact(folder):
+        return compact.load_compact(folder, torch_dtype)
+    return _from_pretrained(str(folder), torch_dtype, tokenizer=False)[0]
+
+
+def _from_pretrained(source: str, torch_dtype: torch.dtype | str, tokenizer: bool = True) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot load model {source}: {_first_line(error)}") from error
+    return model.eval(), load_tokenizer(source) if tokenizer else None
+
+
+def load_tokenizer(source: str) -> object:
+    """The tokenizer of a folder or Hub id."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise SparseGPTError(f"cannot load the tokenizer of {source}: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
