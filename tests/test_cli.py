@@ -1,11 +1,13 @@
 """The command line on a tiny model folder: every mode end to end, and one clear line for bad input."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from sparsegpt.cli import main
+from sparsegpt.cli import build_parser, main
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -242,3 +244,18 @@ def test_a_command_line_that_does_not_parse_gets_one_line_and_exit_2(capsys, arg
     err = capsys.readouterr().err
     assert stopped.value.code == 2
     assert err.count("\n") == 1 and err.startswith("sparsegpt") and words in err and "--help" in err
+
+
+def test_docs_usage_names_every_option_of_the_parser_and_no_other():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    reference = text[text.index("## Command line") : text.index("## Library")]
+    parser = build_parser()
+    subcommands = next(action for action in parser._actions if action.dest == "command").choices
+    options = {flag for action in parser._actions for flag in action.option_strings}
+    for name, command in subcommands.items():
+        assert f"sparsegpt {name}" in reference, name
+        options |= {flag for action in command._actions for flag in action.option_strings}
+    options -= {"-h", "--help"}
+    assert sorted(flag for flag in options if flag not in reference) == []
+    documented = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", reference))
+    assert sorted(documented - options - {"--help", "--nproc-per-node"}) == []  # the last is torchrun's

@@ -399,7 +399,7 @@ def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device:
 
     "auto" becomes "bfloat16" only where that was measured to keep the accuracy and is faster: unstructured
     SparseGPT without quantization, on a float32 model, on hardware with native bf16 products. At 2:4
-    bf16 forwards cost about 2.4% perplexity on smollm2-135m (docs/BENCHMARKS.md, issue 6), so N:M patterns,
+    bf16 forwards cost measurable perplexity on smollm2-135m (docs/RESULTS.md, "bf16 forwards"), so N:M patterns,
     quantization and the other methods keep the model's precision."""
     if config.forward_dtype == "auto":
         measured = config.method == "sparsegpt" and config.pattern is None and config.bits is None

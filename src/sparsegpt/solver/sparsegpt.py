@@ -100,7 +100,7 @@ def inverse_hessian_cholesky(
     P(H + λI)P, H + λI = (PLP)(PLP)ᵀ with PLP upper triangular, so H⁻¹ = (PL⁻¹P)ᵀ(PL⁻¹P) and U = PL⁻¹P
     (the upper factor with a positive diagonal is unique): one factorization and one triangular inverse.
     "inverse" factorizes H, inverts it from its factor and factorizes the inverse, as the reference code
-    does. Both are equally accurate (docs/BENCHMARKS.md, issue 6); they round differently.
+    does. Both are equally accurate (docs/RESULTS.md, "The solver alone"); they round differently.
 
     When a factorization fails the relative damping is multiplied by ten and the attempt repeated (each
     raise is logged); after ``DAMPING_STEPS`` failures a ``SparseGPTError`` is raised. Returns U and the
