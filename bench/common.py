@@ -1,30 +1,64 @@
-"""Peak memory of the calling process, for the benchmarks that run each side in a process of its own
-(standard library only: the peer's virtualenv imports it too)."""
+"""What the benchmarks share: the peak memory of a process and of a child process, and the peer's environment
+(llmcompressor in a virtualenv of its own, bench/README.md).
+
+Standard library only: bench/peer_llmcompressor.py imports it inside the peer's virtualenv.
+"""
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
 from pathlib import Path
+
+PEER_VENV = (
+    "python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 && "
+    "/tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 transformers==5.17.0"
+)
+"""The commands that make the peer's virtualenv (llmcompressor 0.14 pins its own torch and transformers)."""
+
+PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
+
+
+def peer_python(given: str | None) -> str:
+    """The peer's interpreter: ``given`` (a ``--peer-python`` option), else the one ``PEER_VENV`` makes."""
+    path = Path(given or "/tmp/lcvenv/bin/python")
+    if not os.access(path, os.X_OK):
+        raise SystemExit(f"no peer python at {path}; make the peer's virtualenv with: {PEER_VENV}")
+    return str(path)
+
+
+def peer_command(python: str, model: Path, calib_tokens: Path, out: Path, report: Path, pattern: str) -> list[str]:
+    """The command that prunes ``model`` with llmcompressor on the windows saved in ``calib_tokens``
+    (``pattern`` "none": 50% unstructured, else N:M), saves the result to ``out`` and writes its pruning
+    time and its own peak memory to ``report`` (JSON)."""
+    command = [python, str(PEER_SCRIPT), "--model", str(model), "--calib-tokens", str(calib_tokens)]
+    command += ["--out", str(out), "--json", str(report)]
+    return command + ([] if pattern == "none" else ["--pattern", pattern])
 
 
 def own_peak_rss_gib() -> float:
     """This process's peak resident memory in GiB: the high-water mark of its own address space (VmHWM).
     ru_maxrss is not that: on Linux a process started by fork and exec keeps, as a floor, the resident
     size its parent had at the fork (a benchmark's parent holding a model inflates every child's figure)."""
-    peak = _status_gib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def own_rss_gib() -> float | None:
-    """This process's resident memory now, in GiB (VmRSS), or None where /proc does not say."""
-    return _status_gib("VmRSS")
-
-
-def _status_gib(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_with_peak_rss(command: list[str]) -> tuple[str, int]:
+    """Run ``command`` in a child process; its standard output and its peak resident memory in bytes, from
+    the kernel (``wait4``'s ru_maxrss: the interpreter and every library included). That figure has the
+    parent's resident size at the fork as its floor, so use it only from a parent that holds little (a
+    parent that holds a model lets the child report ``own_peak_rss_gib`` instead)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return output, usage.ru_maxrss * 1024

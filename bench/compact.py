@@ -26,12 +26,13 @@ import torch
 
 import sparsegpt
 from sparsegpt import PruneConfig, data
-from sparsegpt.api import calibration_windows, quant_specs, versions
-from sparsegpt.compact import same_bits, write_quant_sidecar
-from sparsegpt.evaluate import perplexity
+from sparsegpt.api import calibration_windows, quant_specs
+from sparsegpt.formats.compact import same_bits, write_quant_sidecar
+from sparsegpt.host import keep_freed_memory
 from sparsegpt.models import find_blocks
+from sparsegpt.perplexity import perplexity
 from sparsegpt.pipeline import prune_model
-from sparsegpt.runtime import keep_freed_memory
+from sparsegpt.report import versions
 from sparsegpt.solver import NMPattern
 
 SEQLEN = 512

@@ -28,7 +28,7 @@ import torch
 
 import sparsegpt
 from sparsegpt import Evaluation, PruneConfig
-from sparsegpt.api import versions
+from sparsegpt.report import versions
 from sparsegpt.solver import NMPattern
 
 

@@ -9,7 +9,7 @@ ignored). Per run: the pruning wall time (calibration forwards and solves; loadi
 both sides) and the process's peak resident memory; then the sotu:test perplexity of each side's last
 pruned model, evaluated here in fp32.
 
-    python bench/end_to_end.py --out /tmp/e2e --peer-python /tmp/lcvenv/bin/python \\
+    python bench/end_to_end.py --out /tmp/e2e [--peer-python /tmp/lcvenv/bin/python] \\
         [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16] [--seeds 0,1,2]
 
 Prints one JSON line per run and per level and seed, a Markdown table, and with several seeds the mean
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _rss import own_peak_rss_gib
+from common import own_peak_rss_gib, peer_command, peer_python
 
 SEQLEN = 512
 
@@ -61,12 +61,9 @@ def run_side(args: argparse.Namespace, side: str, pattern: str, number: int, cal
         command = [sys.executable, __file__, "--ours", "--model", str(args.model_folder), "--pattern", pattern]
         if args.forward_dtype:
             command += ["--forward-dtype", args.forward_dtype]
+        command += ["--calib-tokens", str(calib), "--out", str(out), "--json", str(report)]
     else:
-        command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py"))]
-        command += ["--model", str(args.model_folder)]
-        if pattern != "none":
-            command += ["--pattern", pattern]
-    command += ["--calib-tokens", str(calib), "--out", str(out), "--json", str(report)]
+        command = peer_command(args.peer_python, args.model_folder, calib, out, report, pattern)
     subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(report.read_text())
     row = {"side": side, "pattern": pattern, "run": number, "prune_seconds": result["prune_seconds"]}
@@ -78,7 +75,7 @@ def run_side(args: argparse.Namespace, side: str, pattern: str, number: int, cal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="working folder (calibration windows, pruned models)")
-    parser.add_argument("--peer-python", help="python of a virtualenv with llmcompressor 0.14")
+    parser.add_argument("--peer-python", help="python of the peer's virtualenv (default: /tmp/lcvenv/bin/python)")
     parser.add_argument("--patterns", default="none,2:4")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -96,14 +93,16 @@ def main() -> None:
     if args.ours:
         ours(args)
         return
-    if args.out is None or args.peer_python is None:
-        parser.error("--out and --peer-python are required")
+    if args.out is None:
+        parser.error("--out is required")
+    args.peer_python = peer_python(args.peer_python)
 
     import sparsegpt
     from sparsegpt import PruneConfig, assets, data
-    from sparsegpt.api import calibration_windows, versions
-    from sparsegpt.evaluate import perplexity
-    from sparsegpt.models import load_pretrained
+    from sparsegpt.api import calibration_windows
+    from sparsegpt.loading import load_pretrained
+    from sparsegpt.perplexity import perplexity
+    from sparsegpt.report import versions
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_folder = assets.model_folder("smollm2-135m")

@@ -15,7 +15,7 @@ The differences that matter are the paired ones (same seed): their mean over see
     python bench/forward_precision.py --pattern 2:4 --seeds 0,1,2,3,4,5 [--variants fp32,bf16,fp32-b4]
 
 Prints one JSON line per run and a Markdown table (perplexity per seed and variant, paired differences
-against ``fp32``, and their mean and standard deviation over seeds).
+against ``fp32``, and their mean, standard deviation and standard error over seeds).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 import sparsegpt
 from sparsegpt import PruneConfig, data, pipeline
-from sparsegpt.evaluate import perplexity
+from sparsegpt.perplexity import perplexity
 from sparsegpt.solver import NMPattern
 
 VARIANTS = {
@@ -113,7 +113,9 @@ def main() -> None:
     if "fp32" in variants and len(table) > 1:
         means = [f"{statistics.mean(table[seed][variant] for seed in table):.3f}" for variant in variants]
         spreads = [
-            f"{statistics.mean(values):+.2%} ± {statistics.stdev(values):.2%}" for values in differences.values()
+            f"{statistics.mean(values):+.2%} ± {statistics.stdev(values):.2%} "
+            f"(standard error {statistics.stdev(values) / len(values) ** 0.5:.2%})"
+            for values in differences.values()
         ]
         print(f"| mean | {' | '.join(means + spreads)} |")
         print(json.dumps({"paired_differences": differences}))

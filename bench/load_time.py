@@ -4,11 +4,11 @@
     python bench/load_time.py --build DIR [--repeats 9]
     python bench/load_time.py PLAIN COMPACT --per-tensor NAME [--repeats 30]   # ns per weight, per decoder
 
-``--build DIR`` first makes the four pairs the figures in docs/BENCHMARKS.md use, from the default model in
-bf16 (seconds, no calibration): every decoder linear weight 50% magnitude-pruned per row (DIR/sparse), the
-same with the kept weights rounded to a 4-bit asymmetric grid in groups of 128 (DIR/quant), and both again
-with 2:4 magnitude masks (DIR/2-4, DIR/2-4+quant); each as a plain folder and its compact twin. Decoding
-time depends on the layout, not on the values.
+``--build DIR`` first makes the four pairs that docs/RESULTS.md ("Compact size and load time") times, from
+the default model in bf16 (no calibration): every decoder linear weight 50% magnitude-pruned per row
+(DIR/sparse), the same with the kept weights rounded to a 4-bit asymmetric grid in groups of 128
+(DIR/quant), and both again with 2:4 magnitude masks (DIR/2-4, DIR/2-4+quant); each as a plain folder and
+its compact twin. Decoding time depends on the layout, not on the values.
 
 Both are loaded with ``sparsegpt.load_pretrained`` in their stored dtype, in this process, after the
 allocator tuning that the CLI applies. ``--no-native`` and ``--portable`` time the fallbacks.
@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 import sparsegpt
-from sparsegpt import compact as compact_format
 from sparsegpt.assets import model_folder
-from sparsegpt.compact import QuantSpec, write_quant_sidecar
-from sparsegpt.models import find_blocks, load_pretrained
-from sparsegpt.runtime import keep_freed_memory
+from sparsegpt.formats import compact as compact_format
+from sparsegpt.formats.compact import QuantSpec, write_quant_sidecar
+from sparsegpt.host import keep_freed_memory
+from sparsegpt.loading import load_pretrained
+from sparsegpt.models import find_blocks
 from sparsegpt.solver.masks import lowest_k_per_row, n_of_m
 from sparsegpt.solver.quant import QuantGrid, dequantize, fit_grid, group_views, quantize
 

@@ -1,11 +1,11 @@
 """Peer run: prune a model with llmcompressor's SparseGPT for comparison.
 
-Runs in its own virtualenv (llmcompressor 0.14 pins its own torch/transformers),
-so it must not import the ``sparsegpt`` package. It loads a plain transformers
-folder in fp32 on CPU, calibrates on exactly the given token windows (no
-shuffling, no tokenization), prunes every Linear inside the decoder blocks
-with ``SparseGPTModifier`` at the library's defaults (block size, dampening),
-and saves a plain dense transformers folder.
+Runs in its own virtualenv (llmcompressor 0.14 pins its own torch and transformers; ``common.PEER_VENV``
+makes it), so it must not import the ``sparsegpt`` package. It loads a plain transformers folder in fp32
+on CPU, calibrates on exactly the given token windows (no shuffling, no tokenization), prunes every Linear
+inside the decoder blocks with ``SparseGPTModifier`` at the library's defaults (block size, dampening),
+and saves a plain dense transformers folder. Its JSON holds the pruning time and the process's own peak
+memory.
 
 Usage::
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _rss import own_peak_rss_gib
+from common import own_peak_rss_gib
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import (

@@ -7,12 +7,12 @@ one Cholesky and one triangular inverse) and with the peer's sequence ("inverse"
 Cholesky; the same bits). Calls alternate (ours, ours inverse, peer, ...) in one process; medians are
 reported with the time ratios, the share of mask entries that agree and the largest weight difference.
 
-Run it with the peer's interpreter and this project's sources on the path:
+Run it with the peer's interpreter (its virtualenv: ``common.PEER_VENV``, bench/README.md) and this
+project's sources on the path:
 
     PYTHONPATH=src /tmp/lcvenv/bin/python bench/solver_speed.py [--shapes 576x576,1536x576] [--repeats 3]
 
-(``python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 && /tmp/lcvenv/bin/pip
-install llmcompressor==0.14.0.1 transformers==5.17.0``). Prints one JSON line per case and a Markdown table.
+Prints one JSON line per case and a Markdown table.
 
 ``--accuracy`` instead compares the three float32 solutions (the peer's, ours with each factorization)
 with a float64 solve of the same problem: the share of mask entries each shares with it, and each one's

@@ -5,22 +5,21 @@
 Writes a synthetic Llama (random fp32 weights, default 32 blocks of hidden 2560 and MLP width 4096:
 7.4 GB of safetensors, one shard per block) unless it is there already, then in fresh processes:
 SparseGPT 50% streamed over random calibration tokens, and the streamed perplexity of the output. Each
-child's peak resident memory comes from the kernel (``wait4``), so it includes the interpreter, torch and
-transformers. ``--check-in-memory`` also loads the whole output and scores the same windows the usual way
-(needs memory for the whole model).
+child's peak resident memory comes from the kernel (``common.run_with_peak_rss``), so it includes the
+interpreter, torch and transformers. ``--check-in-memory`` also loads the whole output and scores the same
+windows the usual way (needs memory for the whole model). Prints one JSON line per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import run_with_peak_rss
 
 VOCAB = 1024
 
@@ -86,8 +85,9 @@ def windows(count: int, seqlen: int, seed: int) -> torch.Tensor:
 
 def child(args: argparse.Namespace) -> None:
     """One measured step, in its own process; prints one JSON line."""
-    from sparsegpt import PruneConfig, streamed
-    from sparsegpt.runtime import return_freed_memory
+    from sparsegpt import PruneConfig
+    from sparsegpt.host import return_freed_memory
+    from sparsegpt.streaming import driver as streamed
 
     return_freed_memory()  # what the command line does for streamed runs
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
         result = {"ppl": streamed.perplexity_streamed(args.out, scored, progress=True)}
     else:
         from sparsegpt import load_pretrained
-        from sparsegpt.evaluate import perplexity
+        from sparsegpt.perplexity import perplexity
 
         scored = windows(args.eval_windows, args.seqlen, seed=2)
         result = {"ppl": perplexity(load_pretrained(args.out), scored, progress=True)}
@@ -118,13 +118,8 @@ def measured(args: argparse.Namespace, step: str) -> dict:
         "--eval-windows",
         str(args.eval_windows),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{step} failed")
-    return json.loads(output.strip().splitlines()[-1]) | {"peak_rss_bytes": usage.ru_maxrss * 1024}
+    output, peak = run_with_peak_rss(command)  # this parent holds torch and no model: the peak is the child's
+    return json.loads(output.strip().splitlines()[-1]) | {"peak_rss_bytes": peak}
 
 
 def main() -> None:

@@ -41,8 +41,9 @@ from torch.overrides import TorchFunctionMode
 
 import sparsegpt
 from sparsegpt import PruneConfig, data, pipeline
-from sparsegpt.api import calibration_windows, versions
+from sparsegpt.api import calibration_windows
 from sparsegpt.pipeline import resolve_forward_dtype
+from sparsegpt.report import versions
 from sparsegpt.solver import NMPattern, hessian
 from sparsegpt.solver import sparsegpt as solver
 from sparsegpt.solver.gram import native_mixed_gram

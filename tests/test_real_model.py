@@ -35,7 +35,7 @@ def test_default_model_is_the_dequantized_smollm2(dense):
 
 def test_dense_perplexity_matches_the_recorded_value(dense):
     _, value = sparsegpt.evaluate(*fresh(dense), EVAL[0])
-    assert value == pytest.approx(23.114, rel=0.002)  # first 4 windows; all 314 (24.24): bench/acceptance.py
+    assert value == pytest.approx(23.114, rel=0.002)  # first 4 windows; all 314: docs/RESULTS.md
 
 
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])

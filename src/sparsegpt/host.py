@@ -4,7 +4,7 @@ how much memory is free, and the C allocator's settings that the command line ap
 glibc's allocator hands tensors above a size threshold straight back to the kernel when they are freed,
 and trims the heap as soon as its free top grows, so every forward pass of a calibration batch faults its
 activations in again, page by page. On 2 cores that cost 10-20% of a block's forward time, all of it
-kernel time (docs/RESULTS.md, "Memory"). Keeping freed memory in the process removes it. Threads other
+kernel time (docs/RESULTS.md, "The allocator tuning the CLI applies"). Keeping freed memory in the process removes it. Threads other
 than the main one get arenas of their own, whose heaps glibc unmaps as soon as they empty, whatever the
 trim threshold: one arena for all threads keeps their temporaries warm too (the compact loader decodes on
 worker threads).
@@ -77,8 +77,7 @@ def return_freed_memory() -> bool:
     """The opposite trade, for runs that are about peak memory (streaming): every allocation of 1 MiB or
     more gets pages of its own, handed back to the system the moment it is freed, and the heap is
     trimmed eagerly. glibc's default raises its threshold after the first large free, after which freed
-    tensors linger in a heap that fragments: measured 1.44-1.66 GiB peaks for a run this setting holds
-    lower (docs/RESULTS.md). Returns False (and does nothing) where the C library is not glibc."""
+    tensors linger in a heap that fragments, and a run's peak grows with it. Returns False (and does nothing) where the C library is not glibc."""
     return _mallopt(((_M_MMAP_THRESHOLD, 1 << 20), (_M_TRIM_THRESHOLD, 1 << 20), (_M_TOP_PAD, 0)))
 
 
