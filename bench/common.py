@@ -11,9 +11,10 @@ import resource
 import subprocess
 from pathlib import Path
 
+PEER_ROOT = "/tmp/lcvenv"
 PEER_VENV = (
-    "python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 && "
-    "/tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 transformers==5.17.0"
+    f"python3 -m venv {PEER_ROOT} && {PEER_ROOT}/bin/pip install torch==2.13.0 && "
+    f"{PEER_ROOT}/bin/pip install llmcompressor==0.14.0.1 transformers==5.17.0"
 )
 """The commands that make the peer's virtualenv (llmcompressor 0.14 pins its own torch and transformers)."""
 
@@ -22,7 +23,7 @@ PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 
 def peer_python(given: str | None) -> str:
     """The peer's interpreter: ``given`` (a ``--peer-python`` option), else the one ``PEER_VENV`` makes."""
-    path = Path(given or "/tmp/lcvenv/bin/python")
+    path = Path(given or f"{PEER_ROOT}/bin/python")
     if not os.access(path, os.X_OK):
         raise SystemExit(f"no peer python at {path}; make the peer's virtualenv with: {PEER_VENV}")
     return str(path)

@@ -22,13 +22,10 @@ def _targets(node: ast.AST, importer: str) -> list[str]:
     when the statement names the package itself, or something defined in it)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names if alias.name in MODULES]
-    if not isinstance(node, ast.ImportFrom) or node.module is None:
+    if not isinstance(node, ast.ImportFrom):
         return []
-    base = node.module
-    if node.level:  # relative import
-        anchor = importer.split(".")
-        package = anchor if MODULES[importer].name == "__init__.py" else anchor[:-1]
-        base = ".".join(package[: len(package) - node.level + 1] + [node.module])
+    assert not node.level, f"{importer}: relative import (the package imports absolutely, as this graph reads)"
+    base = node.module or ""
     if base not in MODULES:
         return []
     return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
