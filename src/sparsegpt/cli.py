@@ -32,6 +32,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        default="dense",
+        choices=["dense", "sparse"],
+        help="dense: decode every weight; sparse: run pruned linears from their compact encoding (a folder)",
+    )
+
+
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     defaults = PruneConfig()
     parser.add_argument(
@@ -173,7 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, default=None, help="at most N windows")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_runtime_option(evaluate)
     _add_stream_options(evaluate)
+
+    generate = commands.add_parser("generate", help="continue a prompt; prints the text and the speeds")
+    _add_model_options(generate)
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="at most N new tokens (default 64)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    generate.add_argument("--json", action="store_true", help="print JSON")
+    _add_runtime_option(generate)
 
     compare = commands.add_parser("compare", help="dense and several methods side by side")
     _add_model_options(compare)
@@ -278,15 +297,34 @@ def _run(args: argparse.Namespace) -> int | None:
             sparsegpt.unpack_folder(args.source, args.output, args.overwrite)
             print(f"unpacked into {args.output}")
         return
+    if args.command == "generate":
+        model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
+        result = sparsegpt.generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+        speeds = {"prefill_tokens_per_s": result.prefill_speed, "decode_tokens_per_s": result.decode_speed}
+        if args.json:
+            print(json.dumps({"model": source, "text": result.text, "prompt_tokens": result.prompt_tokens,
+                              "new_tokens": result.new_tokens, **speeds}))  # fmt: skip
+        else:
+            print(result.text)
+            print(
+                f"\n{source}: prefill {result.prompt_tokens} tokens at {result.prefill_speed:.1f} tokens/s, "
+                f"decode {result.new_tokens} tokens at {result.decode_speed:.1f} tokens/s",
+                file=sys.stderr,
+            )
+        return
     if args.command == "eval":
         evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows)
+        if (args.stream or args.offload_dir) and args.runtime == "sparse":
+            raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
         if args.stream or args.offload_dir:
             source = args.model
             name, value = sparsegpt.evaluate_streamed(
                 args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
             )
         else:
-            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype)
+            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
+            if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
+                raise SparseGPTError("--runtime sparse runs on the CPU")
             model = model.to(resolve_device(args.device))
             name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
         if args.json:

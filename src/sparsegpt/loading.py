@@ -13,13 +13,26 @@ from sparsegpt.formats import compact
 from sparsegpt.gguf import load_gguf
 from sparsegpt.models import resolve_dtype
 
+RUNTIMES = ("dense", "sparse")
 
-def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
+
+def load_model(spec: str, dtype: str = "auto", runtime: str = "dense") -> tuple[nn.Module, object, str]:
     """Load a causal LM and its tokenizer from an alias, a GGUF file, a transformers folder or a hub id.
 
+    ``runtime="sparse"`` (a folder or an alias only) runs pruned linears from their compact encoding.
     Returns (model in eval mode, tokenizer, a one-line description of where the weights came from).
     """
     torch_dtype = resolve_dtype(dtype)
+    _check_runtime(runtime)
+    if runtime == "sparse":
+        folder = assets.model_folder(spec) if spec in assets.MODEL_ALIASES else Path(spec)
+        if not (folder / "config.json").is_file():
+            raise SparseGPTError(
+                f"the sparse runtime runs a model folder (plain or compact) or an alias; {spec} is neither"
+            )
+        from sparsegpt.runtime.model import load_sparse
+
+        return load_sparse(folder, torch_dtype), load_tokenizer(str(folder)), f"{spec} (sparse runtime)"
     if spec in assets.MODEL_ALIASES:
         folder = assets.model_folder(spec)
         model, tokenizer = _from_pretrained(str(folder), torch_dtype)
@@ -48,15 +61,30 @@ def load_model(spec: str, dtype: str = "auto") -> tuple[nn.Module, object, str]:
     return model, tokenizer, f"{spec} from the Hugging Face Hub"
 
 
-def load_pretrained(path: str | Path, dtype: str = "auto") -> nn.Module:
-    """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call."""
+def load_pretrained(path: str | Path, dtype: str = "auto", runtime: str = "dense") -> nn.Module:
+    """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call.
+
+    ``runtime="dense"`` decodes every weight into an ordinary model. ``runtime="sparse"`` keeps each pruned
+    linear weight in its compact encoding inside a ``SparseLinear`` module (inference only): less memory,
+    and faster decoding where memory bandwidth bounds it. A plain folder is encoded while it loads.
+    """
     folder = Path(path)
     torch_dtype = resolve_dtype(dtype)
+    _check_runtime(runtime)
     if not (folder / "config.json").is_file():
         raise SparseGPTError(f"{folder} is not a transformers model folder (no config.json)")
+    if runtime == "sparse":
+        from sparsegpt.runtime.model import load_sparse
+
+        return load_sparse(folder, torch_dtype)
     if compact.is_compact(folder):
         return compact.load_compact(folder, torch_dtype)
     return _from_pretrained(str(folder), torch_dtype, tokenizer=False)[0]
+
+
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise SparseGPTError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
 
 
 def _from_pretrained(source: str, torch_dtype: torch.dtype | str, tokenizer: bool = True) -> tuple[nn.Module, object]:

@@ -16,7 +16,7 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
-from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, itemsize
+from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, itemsize, read_header, read_tensor
 from sparsegpt.models import config_dtype, read_config
 from sparsegpt.report import REPORT_NAME
 from sparsegpt.solver.quant import QuantGrid, dequantize, dequantize_groups, group_views, quantize
@@ -316,6 +316,96 @@ def _expect(name: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...], 
         )
 
 
+@dataclass
+class StoredTensor:
+    """One tensor's manifest entry and parts, read and checked against each other (not yet decoded).
+
+    The matrix is (rows, cols) (see ``matrix_view``); ``mask`` is set for ``bitmask``, ``positions`` and
+    ``pattern`` (n, m) for ``nm``; ``values`` for unquantized tensors, ``codes``/``scales``/``zeros`` and
+    ``grid`` for quantized ones. ``plain`` entries hold their tensor in ``values``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    encoding: str
+    transposed: bool = False
+    rows: int = 0
+    cols: int = 0
+    kept: int = 0
+    grid: QuantGrid | None = None
+    pattern: tuple[int, int] | None = None
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+
+    def layout(self) -> Layout:
+        """The checked Layout of the kept entries (the numpy/torch reader's view)."""
+        return _python_layout(self.name, self.rows, self.cols, self.mask, self.positions, self.pattern, self.kept)
+
+
+def read_stored(name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor]) -> StoredTensor:
+    """The parts of tensor ``name`` as its manifest ``entry`` describes them; ``read(key)`` returns a part.
+    Refuses a malformed entry, or a part whose dtype or shape differs from what the entry implies."""
+    try:
+        shape = tuple(int(size) for size in entry["shape"])
+        dtype = getattr(torch, entry["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {entry['dtype']!r}")
+        encoding = entry["encoding"]
+        if encoding == "plain":
+            tensor = read(name)
+            _expect(name, "data", tensor, shape, dtype)
+            return StoredTensor(name, shape, dtype, encoding, values=tensor)
+        transposed = bool(entry["transposed"])
+        kept_count = int(entry["kept"])
+        grid = _entry_grid(entry)
+        pattern = (int(entry["n"]), int(entry["m"])) if encoding == "nm" else None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SparseGPTError(f"{name}: malformed manifest entry ({error!r})") from None
+    if transposed and len(shape) != 2:
+        raise SparseGPTError(f"{name}: only 2-D tensors can be stored transposed")
+    rows, cols = (shape[1], shape[0]) if transposed else (math.prod(shape[:-1]), shape[-1])
+    stored = StoredTensor(name, shape, dtype, encoding, transposed, rows, cols, kept_count, grid, pattern)
+    if encoding == "full":
+        if grid is None or kept_count != rows * cols:
+            raise SparseGPTError(f"{name}: a full entry must be quantized and keep all {rows * cols} weights")
+    elif encoding == "bitmask":
+        stored.mask = read(f"{name}::mask")
+        _expect(name, "mask", stored.mask, (math.ceil(rows * cols / 8),), torch.uint8)
+    elif pattern is not None:
+        n, m = pattern
+        if not 0 < n < m or cols % m:
+            raise SparseGPTError(f"{name}: N:M pattern {n}:{m} does not fit {cols} columns")
+        count = rows * (cols // m) * (m - n)
+        if count != kept_count:
+            raise SparseGPTError(
+                f"{name}: an {n}:{m} tensor of this shape keeps {count} weights, the entry says {kept_count}"
+            )
+        stored.positions = read(f"{name}::positions")
+        _expect(name, "positions", stored.positions, (math.ceil(count * index_bits(m) / 8),), torch.uint8)
+    else:
+        raise SparseGPTError(f"{name}: unknown encoding {encoding!r}")
+    try:
+        if grid is None:
+            stored.values = read(f"{name}::values")
+            _expect(name, "values", stored.values, (kept_count,), dtype)
+        else:
+            stored.codes = read(f"{name}::codes")
+            _expect(name, "codes", stored.codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
+            stored.scales = read(f"{name}::scales")
+            _expect(name, "scales", stored.scales, (rows, grid.groups(cols)), torch.float16)
+            stored.zeros = read(f"{name}::zeros")
+            _expect(name, "zeros", stored.zeros, (rows, grid.groups(cols)), torch.uint8)
+    except SparseGPTError:
+        if stored.mask is not None:  # say so where the mask is what disagrees with the entry
+            _python_layout(name, rows, cols, stored.mask, None, None, kept_count)
+        raise
+    return stored
+
+
 def decode_tensor(
     name: str,
     entry: dict[str, Any],
@@ -331,62 +421,16 @@ def decode_tensor(
     its AVX-512 loops where the processor has them and ``vector`` allows them; ``native=False`` forces the
     numpy/torch reader. All give the same bits.
     """
-    try:
-        shape = tuple(int(size) for size in entry["shape"])
-        dtype = getattr(torch, entry["dtype"])
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype {entry['dtype']!r}")
-        encoding = entry["encoding"]
-        if out is not None and tuple(out.shape) != shape:
-            raise SparseGPTError(f"{name}: shape {list(shape)} does not match the model's {list(out.shape)}")
-        if encoding == "plain":
-            tensor = read(name)
-            _expect(name, "data", tensor, shape, dtype)
-            return out.copy_(tensor) if out is not None else tensor
-        transposed = bool(entry["transposed"])
-        kept_count = int(entry["kept"])
-        grid = _entry_grid(entry)
-        pattern = (int(entry["n"]), int(entry["m"])) if encoding == "nm" else None
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise SparseGPTError(f"{name}: malformed manifest entry ({error!r})") from None
-    if transposed and len(shape) != 2:
-        raise SparseGPTError(f"{name}: only 2-D tensors can be stored transposed")
-    rows, cols = (shape[1], shape[0]) if transposed else (math.prod(shape[:-1]), shape[-1])
-    mask_part = positions_part = values = codes = scales = zeros = None
-    if encoding == "full":
-        if grid is None or kept_count != rows * cols:
-            raise SparseGPTError(f"{name}: a full entry must be quantized and keep all {rows * cols} weights")
-    elif encoding == "bitmask":
-        mask_part = read(f"{name}::mask")
-        _expect(name, "mask", mask_part, (math.ceil(rows * cols / 8),), torch.uint8)
-    elif pattern is not None:
-        n, m = pattern
-        if not 0 < n < m or cols % m:
-            raise SparseGPTError(f"{name}: N:M pattern {n}:{m} does not fit {cols} columns")
-        count = rows * (cols // m) * (m - n)
-        if count != kept_count:
-            raise SparseGPTError(
-                f"{name}: an {n}:{m} tensor of this shape keeps {count} weights, the entry says {kept_count}"
-            )
-        positions_part = read(f"{name}::positions")
-        _expect(name, "positions", positions_part, (math.ceil(count * index_bits(m) / 8),), torch.uint8)
-    else:
-        raise SparseGPTError(f"{name}: unknown encoding {encoding!r}")
-    try:
-        if grid is None:
-            values = read(f"{name}::values")
-            _expect(name, "values", values, (kept_count,), dtype)
-        else:
-            codes = read(f"{name}::codes")
-            _expect(name, "codes", codes, (math.ceil(kept_count * grid.bits / 8),), torch.uint8)
-            scales = read(f"{name}::scales")
-            _expect(name, "scales", scales, (rows, grid.groups(cols)), torch.float16)
-            zeros = read(f"{name}::zeros")
-            _expect(name, "zeros", zeros, (rows, grid.groups(cols)), torch.uint8)
-    except SparseGPTError:
-        if mask_part is not None:  # say so where the mask is what disagrees with the entry
-            _python_layout(name, rows, cols, mask_part, None, None, kept_count)
-        raise
+    stored = read_stored(name, entry, read)
+    shape, dtype, encoding, transposed = stored.shape, stored.dtype, stored.encoding, stored.transposed
+    if out is not None and tuple(out.shape) != shape:
+        raise SparseGPTError(f"{name}: shape {list(shape)} does not match the model's {list(out.shape)}")
+    if encoding == "plain":
+        assert stored.values is not None
+        return out.copy_(stored.values) if out is not None else stored.values
+    rows, cols, kept_count, grid, pattern = stored.rows, stored.cols, stored.kept, stored.grid, stored.pattern
+    mask_part, positions_part, values = stored.mask, stored.positions, stored.values
+    codes, scales, zeros = stored.codes, stored.scales, stored.zeros
     # decode straight into ``out`` where it has the stored dtype and layout
     direct = out is not None and not transposed and out.dtype == dtype and out.is_contiguous()
     target = out.view(rows, cols) if direct else torch.empty(rows, cols, dtype=dtype)
@@ -410,7 +454,7 @@ def decode_tensor(
             raise SparseGPTError(f"{name}: the mask marks {marked} kept weights, the entry says {kept_count}")
         matrix = target
     else:
-        layout = _python_layout(name, rows, cols, mask_part, positions_part, pattern, kept_count)
+        layout = stored.layout()
         if grid is None:
             matrix = layout.scatter(values, target)
         else:
@@ -508,7 +552,8 @@ def is_compact(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-def _dense_files(folder: Path) -> list[Path]:
+def dense_files(folder: Path) -> list[Path]:
+    """The safetensors files of a plain folder (its shards, in order)."""
     index = folder / INDEX_NAME
     if index.is_file():
         mapping = json.loads(index.read_text())["weight_map"]
@@ -589,6 +634,12 @@ def _report_pattern(folder: Path) -> tuple[int, int] | None:
         return None
 
 
+def nm_patterns(folder: Path) -> tuple[tuple[int, int], ...]:
+    """The N:M patterns to try storing tensors in: 2:4, 4:8 and the pattern a sparsegpt report names."""
+    reported = _report_pattern(folder)
+    return NM_CANDIDATES if reported is None or reported in NM_CANDIDATES else (reported, *NM_CANDIDATES)
+
+
 def pack_into(source: Path, target: Path) -> dict[str, Any]:
     """Write the compact form of the plain folder ``source`` into the (empty) folder ``target``.
 
@@ -597,9 +648,8 @@ def pack_into(source: Path, target: Path) -> dict[str, Any]:
     """
     from safetensors.torch import save_file
 
-    reported = _report_pattern(source)
-    patterns = NM_CANDIDATES if reported is None or reported in NM_CANDIDATES else (reported, *NM_CANDIDATES)
-    files = _dense_files(source)
+    patterns = nm_patterns(source)
+    files = dense_files(source)
     quant = read_quant_sidecar(source)
     manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [], "tensors": {}}
     if (source / INDEX_NAME).is_file():
@@ -646,34 +696,32 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def opened_entries(
     folder: Path, manifest: dict[str, Any]
 ) -> Iterator[list[tuple[str, dict[str, Any], Callable[[str], torch.Tensor]]]]:
-    """(name, entry, read) for every tensor of a compact folder, with its data files open for the
-    duration; ``read(key)`` returns a part checked against its CRC (from any thread)."""
-    with ExitStack() as stack:
-        handles: dict[str, tuple[Any, set[str]]] = {}
-        entries = []
-        for name, entry in manifest["tensors"].items():
-            file_name = str(entry.get("file"))
-            if file_name not in handles:
-                path = folder / file_name
-                if not path.is_file():
-                    raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
-                handle = stack.enter_context(_open_safetensors(path))
-                handles[file_name] = handle, set(handle.keys())  # noqa: SIM118 (a safetensors handle)
-            handle, stored = handles[file_name]
-            entries.append((name, entry, _checked_reader(handle, stored, file_name, name, entry)))
-        yield entries
+    """(name, entry, read) for every tensor of a compact folder; ``read(key)`` returns a part checked
+    against its CRC (from any thread). Parts are read with plain file reads into fresh memory, not mapped:
+    a mapped file counts as resident memory for as long as it is mapped."""
+    headers: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    entries = []
+    for name, entry in manifest["tensors"].items():
+        file_name = str(entry.get("file"))
+        if file_name not in headers:
+            path = folder / file_name
+            if not path.is_file():
+                raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
+            headers[file_name] = (path, *read_header(path))
+        entries.append((name, entry, _checked_reader(*headers[file_name], file_name, name, entry)))
+    yield entries
 
 
 def _checked_reader(
-    handle: Any, stored: set[str], file_name: str, name: str, entry: dict[str, Any]
+    path: Path, start: int, header: dict[str, Any], file_name: str, name: str, entry: dict[str, Any]
 ) -> Callable[[str], torch.Tensor]:
-    """Reads the parts of tensor ``name`` from an open file, each checked against the manifest's CRC32."""
+    """Reads the parts of tensor ``name`` from a data file, each checked against the manifest's CRC32."""
     checksums = entry.get("crc32") or {}
 
     def read(key: str) -> torch.Tensor:
-        if key not in stored:
+        if key not in header:
             raise SparseGPTError(f"{name}: part {key} is missing from {file_name}")
-        part = handle.get_tensor(key)
+        part = read_tensor(path, start, key, header[key])
         if key not in checksums or _crc32(part) != checksums[key]:
             raise SparseGPTError(f"{name}: part {key} is corrupted (CRC32 mismatch)")
         return part

@@ -1,0 +1,559 @@
+/* Products with a pruned weight in its compact encoding (docs/FORMAT.md), without a dense copy of it.
+ *
+ * The weight is a (rows, cols) matrix Ŵ held as
+ *   - a bitmask of rows·cols bits in row-major order (1 = kept), or none when every entry is kept;
+ *   - `offsets`, rows + 1 integers: the index of each row's first kept entry (derived at load time);
+ *   - the kept entries in row-major order: stored values (float32, bfloat16 or float16), or B-bit codes
+ *     in a little-endian bit stream with a float16 scale and a uint8 zero point per row and group of
+ *     `group` columns. Code q of group (s, z) stands for (q − z)·s computed in float32 and then rounded
+ *     to the weight's dtype, exactly as the compact reader decodes it.
+ *
+ * Two operations, each with a portable loop (the reference, any shape and encoding) and vector loops
+ * chosen at run time for the shapes they cover:
+ *   sgpt_matvec   y = x·Ŵᵀ for a few vectors x (decoding tokens), accumulated in float32;
+ *   sgpt_densify  a band of rows of Ŵ written densely (a scratch tile for products with many vectors).
+ * AVX-512 (F, BW, VL, VBMI2): 32 columns at a time, a 32-bit slice of the mask placing the next kept
+ * values with one expand instruction (the approach of SparAMX, arXiv 2502.12444). AVX2 (with FMA and
+ * F16C): 8 columns at a time from a table of in-register permutations, stored values only. Rows are split
+ * over `threads` OpenMP threads. Called through ctypes, which releases the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "../formats/_floats.h"
+
+enum { KIND_FLOAT32 = 0, KIND_BFLOAT16 = 1, KIND_FLOAT16 = 2, KIND_CODES = 3 };
+/* Each level includes the ones below it (every AVX-512 processor has AVX2). */
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
+enum { ERROR_ARGUMENTS = -1, ERROR_ISA = -2 };
+enum { MAX_VECTORS = 64 };
+
+/* The layout above; the Python side fills one per weight (runtime/kernels.py, ctypes.Structure). */
+typedef struct {
+    int64_t rows, cols, kept;
+    const uint8_t *mask; /* NULL: every entry kept */
+    int64_t mask_size;   /* bytes */
+    const int64_t *offsets;
+    int32_t kind;  /* KIND_*: the stored values' type, or KIND_CODES */
+    int32_t round; /* the weight's dtype (KIND_FLOAT32/BFLOAT16/FLOAT16), what codes are rounded to */
+    const void *values;
+    const uint8_t *codes;
+    int64_t codes_size, bits;
+    const uint16_t *scales; /* float16, (rows, ngroups) */
+    const uint8_t *zeros;   /* (rows, ngroups) */
+    int64_t group, ngroups;
+} Matrix;
+
+static inline float bfloat16_to_float(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+static inline float bits_float(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* A float32 rounded to the weight's dtype and back (exact for float32). */
+static inline float rounded(float value, int32_t kind) {
+    if (kind == KIND_BFLOAT16) return bfloat16_to_float(float_to_bfloat16(value));
+    if (kind == KIND_FLOAT16) return half_to_float(float_to_half(value));
+    return value;
+}
+
+/* Kept entry k (at `row`, `col`) as a float32. */
+static inline float weight_at(const Matrix *w, int64_t k, int64_t row, int64_t col) {
+    switch (w->kind) {
+    case KIND_FLOAT32: return ((const float *)w->values)[k];
+    case KIND_BFLOAT16: return bfloat16_to_float(((const uint16_t *)w->values)[k]);
+    case KIND_FLOAT16: return half_to_float(((const uint16_t *)w->values)[k]);
+    default: {
+        int64_t g = row * w->ngroups + col / w->group;
+        float scale = half_to_float(w->scales[g]);
+        float code = (float)bits_at(w->codes, w->codes_size, k * w->bits, w->bits);
+        return rounded(code * scale - (float)w->zeros[g] * scale, w->round);
+    }
+    }
+}
+
+/* Runs `body` for every kept entry of `row`, left to right, with `col` its column and `k` its index among
+ * the stored entries. */
+#define FOR_EACH_KEPT(w, row, col, k, body)                                                                 \
+    do {                                                                                                   \
+        int64_t k = (w)->offsets[row];                                                                     \
+        for (int64_t slice_ = 0; slice_ < (w)->cols; slice_ += 32) {                                       \
+            int64_t width_ = (w)->cols - slice_ < 32 ? (w)->cols - slice_ : 32;                            \
+            uint32_t word_ = (w)->mask ? mask_bits((w)->mask, (w)->mask_size, (row) * (w)->cols + slice_, width_) \
+                                       : (uint32_t)((width_ < 32 ? (1ull << width_) : 0x100000000ull) - 1); \
+            while (word_) {                                                                                \
+                int64_t col = slice_ + __builtin_ctz(word_);                                               \
+                word_ &= word_ - 1;                                                                        \
+                body;                                                                                      \
+                k++;                                                                                       \
+            }                                                                                              \
+        }                                                                                                  \
+    } while (0)
+
+/* --- portable loops ------------------------------------------------------------------------------- */
+
+static void matvec_rows_portable(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x, float *y) {
+    float sums[MAX_VECTORS];
+    for (int64_t row = first; row < last; row++) {
+        for (int64_t v = 0; v < n; v++) sums[v] = 0.0f;
+        FOR_EACH_KEPT(w, row, col, k, {
+            float weight = weight_at(w, k, row, col);
+            for (int64_t v = 0; v < n; v++) sums[v] += weight * x[v * w->cols + col];
+        });
+        for (int64_t v = 0; v < n; v++) y[v * w->rows + row] = sums[v];
+    }
+}
+
+static inline void store(void *out, int64_t index, float value, int32_t out_kind) {
+    if (out_kind == KIND_FLOAT32)
+        ((float *)out)[index] = value;
+    else
+        ((uint16_t *)out)[index] = out_kind == KIND_BFLOAT16 ? float_to_bfloat16(value) : float_to_half(value);
+}
+
+static void densify_rows_portable(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
+                                  void *out) {
+    for (int64_t row = first; row < last; row++) {
+        int64_t base = (row - start) * w->cols;
+        int64_t width = out_kind == KIND_FLOAT32 ? 4 : 2;
+        memset((char *)out + base * width, 0, (size_t)(w->cols * width));
+        FOR_EACH_KEPT(w, row, col, k, store(out, base + col, weight_at(w, k, row, col), out_kind));
+    }
+}
+
+/* --- AVX-512 -------------------------------------------------------------------------------------- */
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512dq,popcnt,fma,f16c")))
+#define AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+
+static int isa_available(int32_t isa) {
+    __builtin_cpu_init();
+    if (isa == ISA_AVX512_BF16) return isa_available(ISA_AVX512) && __builtin_cpu_supports("avx512bf16");
+    if (isa == ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+               __builtin_cpu_supports("avx512dq");
+    if (isa == ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return isa == ISA_PORTABLE;
+}
+
+/* Rows whose 32-column slices line up with the mask, the quantization groups and 4- or 8-bit codes. */
+static int avx512_covers(const Matrix *w) {
+    if (w->cols % 32) return 0;
+    if (w->kind == KIND_CODES) return (w->bits == 4 || w->bits == 8) && w->group % 32 == 0;
+    return 1;
+}
+
+AVX512 static inline __m512 round_to_kind512(__m512 value, int32_t kind) {
+    if (kind == KIND_BFLOAT16) { /* nearest, ties to even, on the bit pattern (finite values) */
+        __m512i bits = _mm512_castps_si512(value);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+    if (kind == KIND_FLOAT16) return _mm512_cvtph_ps(_mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return value;
+}
+
+/* How far ahead (in entries) to ask for the stored values and the mask: the hardware prefetchers alone
+ * left the product waiting on memory. */
+#define PREFETCH_VALUES 2048
+#define PREFETCH_MASK 4096
+
+/* The mask bits of columns [32j, 32j + 32) of a row (all ones without a mask). */
+static inline uint32_t slice_bits(const Matrix *w, int64_t row, int64_t j) {
+    uint32_t bits = 0xffffffffu;
+    if (w->mask) {
+        const uint8_t *where = w->mask + (row * w->cols + 32 * j) / 8;
+        if ((j & 15) == 0) __builtin_prefetch(where + PREFETCH_MASK / 8);
+        memcpy(&bits, where, sizeof bits);
+    }
+    return bits;
+}
+
+/* The next `count` 16-bit values from `values`, placed at the lanes `bits` marks (zeros elsewhere).
+ * A masked load and the register form of expand: the memory form is slow on some processors. */
+AVX512 static inline __m512i placed16(const uint16_t *values, uint32_t bits, int count) {
+    _mm_prefetch((const char *)(values + PREFETCH_VALUES), _MM_HINT_T0);
+    __m512i packed = _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), values);
+    return _mm512_maskz_expand_epi16((__mmask32)bits, packed);
+}
+
+/* The codes of a slice's kept entries, from code index k on, placed in 16-bit lanes (zeros elsewhere). */
+AVX512 static inline __m512i placed_codes(const Matrix *w, int64_t k, uint32_t bits, int count) {
+    if (w->bits == 8) {
+        _mm_prefetch((const char *)(w->codes + k + PREFETCH_VALUES), _MM_HINT_T0);
+        __m256i packed = _mm256_maskz_loadu_epi8((__mmask32)((1ull << count) - 1), w->codes + k);
+        return _mm512_cvtepu8_epi16(_mm256_maskz_expand_epi8((__mmask32)bits, packed));
+    }
+    /* 4 bits: `count` nibbles from nibble k, spread one to a 16-bit lane */
+    _mm_prefetch((const char *)(w->codes + k / 2 + PREFETCH_VALUES / 2), _MM_HINT_T0);
+    int odd = (int)(k & 1), bytes = (odd + count + 1) / 2;
+    __m512i lanes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1ull << bytes) - 1), w->codes + k / 2));
+    __m512i index = odd ? _mm512_set_epi16(16, 15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6,
+                                           6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0)
+                        : _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6,
+                                           5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    __m512i shift = odd ? _mm512_set1_epi32(0x00000004) : _mm512_set1_epi32(0x00040000);
+    __m512i nibbles = _mm512_srlv_epi16(_mm512_permutexvar_epi16(index, lanes), shift);
+    return _mm512_maskz_expand_epi16((__mmask32)bits, _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0f)));
+}
+
+/* The 32 weights of columns [32j, 32j + 32) of a row as two float32 vectors (zeros where not kept),
+ * advancing `k`, the index of the row's next kept entry. */
+AVX512 static inline void slice512(const Matrix *w, int64_t row, int64_t j, int64_t *k, __m512 *low, __m512 *high) {
+    uint32_t bits = slice_bits(w, row, j);
+    int count = __builtin_popcount(bits);
+    if (w->kind == KIND_FLOAT32) {
+        const float *values = (const float *)w->values + *k;
+        _mm_prefetch((const char *)(values + PREFETCH_VALUES), _MM_HINT_T0);
+        int first = __builtin_popcount(bits & 0xffff);
+        *low = _mm512_maskz_expand_ps((__mmask16)bits, _mm512_maskz_loadu_ps((__mmask16)((1u << first) - 1), values));
+        *high = _mm512_maskz_expand_ps((__mmask16)(bits >> 16),
+                                       _mm512_maskz_loadu_ps((__mmask16)((1u << (count - first)) - 1), values + first));
+    } else if (w->kind != KIND_CODES) {
+        __m512i placed = placed16((const uint16_t *)w->values + *k, bits, count);
+        __m256i first = _mm512_castsi512_si256(placed), second = _mm512_extracti64x4_epi64(placed, 1);
+        if (w->kind == KIND_BFLOAT16) {
+            *low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(first), 16));
+            *high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(second), 16));
+        } else {
+            *low = _mm512_cvtph_ps(first);
+            *high = _mm512_cvtph_ps(second);
+        }
+    } else {
+        __m512i codes = placed_codes(w, *k, bits, count);
+        int64_t g = row * w->ngroups + 32 * j / w->group;
+        float scale_value = half_to_float(w->scales[g]);
+        __m512 scale = _mm512_set1_ps(scale_value), zero = _mm512_set1_ps((float)w->zeros[g] * scale_value);
+        __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
+        __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+        /* c·s − z·s: both products exact, one rounding, as the reader; +0.0 where not kept */
+        *low = _mm512_maskz_mov_ps((__mmask16)bits, round_to_kind512(_mm512_fmsub_ps(first, scale, zero), w->round));
+        *high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16),
+                                    round_to_kind512(_mm512_fmsub_ps(second, scale, zero), w->round));
+    }
+    *k += count;
+}
+
+/* One row against `count` (1 to 4, a constant once inlined: the sums stay in registers) float32 vectors. */
+AVX512 static inline __attribute__((always_inline)) void row_avx512(const Matrix *w, int64_t row, const float *x,
+                                                                    float *y, const int count) {
+    __m512 sums[4][2];
+    for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
+    int64_t k = w->offsets[row];
+    for (int64_t j = 0; j < w->cols / 32; j++) {
+        __m512 low, high;
+        slice512(w, row, j, &k, &low, &high);
+        for (int v = 0; v < count; v++) {
+            const float *input = x + v * w->cols + 32 * j;
+            sums[v][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(input), sums[v][0]);
+            sums[v][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(input + 16), sums[v][1]);
+        }
+    }
+    for (int v = 0; v < count; v++) y[v * w->rows + row] = _mm512_reduce_add_ps(_mm512_add_ps(sums[v][0], sums[v][1]));
+}
+
+AVX512 static void matvec_rows_avx512(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x,
+                                      float *y) {
+    for (int64_t row = first; row < last; row++)
+        for (int64_t v = 0; v < n; v += 4) {
+            const float *input = x + v * w->cols;
+            float *output = y + v * w->rows;
+            switch (n - v < 4 ? n - v : 4) {
+            case 1: row_avx512(w, row, input, output, 1); break;
+            case 2: row_avx512(w, row, input, output, 2); break;
+            case 3: row_avx512(w, row, input, output, 3); break;
+            default: row_avx512(w, row, input, output, 4);
+            }
+        }
+}
+
+/* bfloat16 inputs against weights that are bfloat16 (stored, or codes rounded to it): AVX512_BF16's dot
+ * product of pairs, exact products summed in float32, with no conversion of either side. */
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512dq,avx512bf16,popcnt,fma,f16c")))
+
+static int bf16_covers(const Matrix *w) {
+    return avx512_covers(w) && (w->kind == KIND_BFLOAT16 || (w->kind == KIND_CODES && w->round == KIND_BFLOAT16));
+}
+
+AVX512BF16 static inline __m512bh slice_bf16(const Matrix *w, int64_t row, int64_t j, int64_t *k) {
+    if (w->kind == KIND_BFLOAT16) {
+        uint32_t bits = slice_bits(w, row, j);
+        int count = __builtin_popcount(bits);
+        __m512i placed = placed16((const uint16_t *)w->values + *k, bits, count);
+        *k += count;
+        return (__m512bh)placed;
+    }
+    __m512 low, high;
+    slice512(w, row, j, k, &low, &high);
+    return _mm512_cvtne2ps_pbh(high, low); /* exact: both are bfloat16 values already */
+}
+
+AVX512BF16 static inline __attribute__((always_inline)) void row_bf16(const Matrix *w, int64_t row, const uint16_t *x,
+                                                                      float *y, const int count) {
+    __m512 sums[4][2];
+    for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
+    int64_t k = w->offsets[row];
+    for (int64_t j = 0; j < w->cols / 32; j++) {
+        __m512bh weights = slice_bf16(w, row, j, &k);
+        for (int v = 0; v < count; v++) /* two sums per vector, alternating, to hide the latency */
+            sums[v][j & 1] = _mm512_dpbf16_ps(sums[v][j & 1], weights,
+                                              (__m512bh)_mm512_loadu_si512(x + v * w->cols + 32 * j));
+    }
+    for (int v = 0; v < count; v++) y[v * w->rows + row] = _mm512_reduce_add_ps(_mm512_add_ps(sums[v][0], sums[v][1]));
+}
+
+AVX512BF16 static void matvec_rows_bf16(const Matrix *w, int64_t first, int64_t last, int64_t n, const uint16_t *x,
+                                        float *y) {
+    for (int64_t row = first; row < last; row++)
+        for (int64_t v = 0; v < n; v += 4) {
+            const uint16_t *input = x + v * w->cols;
+            float *output = y + v * w->rows;
+            switch (n - v < 4 ? n - v : 4) {
+            case 1: row_bf16(w, row, input, output, 1); break;
+            case 2: row_bf16(w, row, input, output, 2); break;
+            case 3: row_bf16(w, row, input, output, 3); break;
+            default: row_bf16(w, row, input, output, 4);
+            }
+        }
+}
+
+AVX512 static void densify_rows_avx512(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
+                                       void *out) {
+    int64_t slices = w->cols / 32;
+    for (int64_t row = first; row < last; row++) {
+        int64_t k = w->offsets[row], base = (row - start) * w->cols;
+        for (int64_t j = 0; j < slices; j++) {
+            __m512 low, high;
+            slice512(w, row, j, &k, &low, &high);
+            if (out_kind == KIND_FLOAT32) {
+                _mm512_storeu_ps((float *)out + base + 32 * j, low);
+                _mm512_storeu_ps((float *)out + base + 32 * j + 16, high);
+            } else if (out_kind == KIND_FLOAT16) {
+                uint16_t *target = (uint16_t *)out + base + 32 * j;
+                _mm256_storeu_si256((__m256i *)target, _mm512_cvtps_ph(low, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                _mm256_storeu_si256((__m256i *)(target + 16),
+                                    _mm512_cvtps_ph(high, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            } else {
+                low = round_to_kind512(low, KIND_BFLOAT16);
+                high = round_to_kind512(high, KIND_BFLOAT16);
+                __m512i both = _mm512_packus_epi32(_mm512_srli_epi32(_mm512_castps_si512(low), 16),
+                                                   _mm512_srli_epi32(_mm512_castps_si512(high), 16));
+                /* packus interleaves 128-bit lanes: put the 16-bit words back in column order */
+                both = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), both);
+                _mm512_storeu_si512((uint16_t *)out + base + 32 * j, both);
+            }
+        }
+    }
+}
+
+/* --- AVX2 ----------------------------------------------------------------------------------------- */
+
+/* expand_index[b]: for each of 8 lanes, how many kept columns precede it in mask byte b */
+static int32_t expand_index[256][8];
+
+__attribute__((constructor)) static void fill_expand_index(void) {
+    for (int b = 0; b < 256; b++)
+        for (int lane = 0, before = 0; lane < 8; lane++) {
+            expand_index[b][lane] = before;
+            before += (b >> lane) & 1;
+        }
+}
+
+static int avx2_covers(const Matrix *w) { return w->cols % 8 == 0 && w->kind != KIND_CODES; }
+
+/* The 8 weights of columns [8j, 8j + 8) of a row (zeros where not kept), advancing k. Reads 8 stored values
+ * from k, so the caller keeps k + 8 within the stored values. */
+AVX2 static inline __m256 slice256(const Matrix *w, int64_t row, int64_t j, int64_t *k) {
+    int bits = w->mask ? w->mask[(row * w->cols) / 8 + j] : 0xff;
+    _mm_prefetch((const char *)w->values + (*k + PREFETCH_VALUES) * (w->kind == KIND_FLOAT32 ? 4 : 2), _MM_HINT_T0);
+    if (w->mask && (j & 63) == 0) _mm_prefetch((const char *)w->mask + (row * w->cols) / 8 + j + PREFETCH_MASK / 8, _MM_HINT_T0);
+    __m256 loaded;
+    if (w->kind == KIND_FLOAT32)
+        loaded = _mm256_loadu_ps((const float *)w->values + *k);
+    else {
+        __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)w->values + *k));
+        loaded = w->kind == KIND_FLOAT16 ? _mm256_cvtph_ps(raw)
+                                         : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+    __m256i index = _mm256_loadu_si256((const __m256i *)expand_index[bits]);
+    __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bits), lane_bits);
+    *k += __builtin_popcount((unsigned)bits);
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(loaded, index), _mm256_castsi256_ps(kept));
+}
+
+/* Whether a row's 8-value reads stay inside the stored values (the last rows may not). */
+static inline int avx2_row_fits(const Matrix *w, int64_t row) { return w->offsets[row + 1] + 8 <= w->kept; }
+
+AVX2 static void matvec_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x, float *y) {
+    int64_t slices = w->cols / 8;
+    for (int64_t row = first; row < last; row++) {
+        if (!avx2_row_fits(w, row)) {
+            matvec_rows_portable(w, row, row + 1, n, x, y);
+            continue;
+        }
+        for (int64_t v0 = 0; v0 < n; v0 += 4) {
+            int64_t count = n - v0 < 4 ? n - v0 : 4;
+            __m256 sums[4][2];
+            for (int v = 0; v < 4; v++) sums[v][0] = sums[v][1] = _mm256_setzero_ps();
+            int64_t k = w->offsets[row];
+            for (int64_t j = 0; j < slices; j++) {
+                __m256 weights = slice256(w, row, j, &k);
+                for (int v = 0; v < count; v++)
+                    sums[v][j & 1] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + (v0 + v) * w->cols + 8 * j), sums[v][j & 1]);
+            }
+            for (int v = 0; v < count; v++) {
+                __m256 sum = _mm256_add_ps(sums[v][0], sums[v][1]);
+                __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+                half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+                half = _mm_add_ss(half, _mm_movehdup_ps(half));
+                y[(v0 + v) * w->rows + row] = _mm_cvtss_f32(half);
+            }
+        }
+    }
+}
+
+AVX2 static void densify_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
+                                   void *out) {
+    int64_t slices = w->cols / 8;
+    for (int64_t row = first; row < last; row++) {
+        if (!avx2_row_fits(w, row) || out_kind == KIND_FLOAT16 || (out_kind == KIND_BFLOAT16 && w->kind != KIND_BFLOAT16)) {
+            densify_rows_portable(w, row, row + 1, start, out_kind, out);
+            continue;
+        }
+        int64_t k = w->offsets[row], base = (row - start) * w->cols;
+        for (int64_t j = 0; j < slices; j++) {
+            __m256 weights = slice256(w, row, j, &k);
+            if (out_kind == KIND_FLOAT32) {
+                _mm256_storeu_ps((float *)out + base + 8 * j, weights);
+            } else { /* bfloat16 values to bfloat16: the upper halves, exactly */
+                __m256i upper = _mm256_srli_epi32(_mm256_castps_si256(weights), 16);
+                __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(upper), _mm256_extracti128_si256(upper, 1));
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + base + 8 * j), packed);
+            }
+        }
+    }
+}
+#else
+static int isa_available(int32_t isa) { return isa == ISA_PORTABLE; }
+static int avx512_covers(const Matrix *w) { (void)w; return 0; }
+static int bf16_covers(const Matrix *w) { (void)w; return 0; }
+static int avx2_covers(const Matrix *w) { (void)w; return 0; }
+#endif
+
+/* --- entry points --------------------------------------------------------------------------------- */
+
+/* The fastest instruction set this processor runs. */
+int32_t sgpt_best_isa(void) {
+    if (isa_available(ISA_AVX512_BF16)) return ISA_AVX512_BF16;
+    if (isa_available(ISA_AVX512)) return ISA_AVX512;
+    if (isa_available(ISA_AVX2)) return ISA_AVX2;
+    return ISA_PORTABLE;
+}
+
+static int64_t check(const Matrix *w, int32_t isa) {
+    if (w->rows < 0 || w->cols <= 0 || w->offsets == NULL || w->kind < 0 || w->kind > KIND_CODES) return ERROR_ARGUMENTS;
+    if (w->kind == KIND_CODES && (w->bits < 1 || w->bits > 8 || w->group <= 0 || w->ngroups != (w->cols + w->group - 1) / w->group))
+        return ERROR_ARGUMENTS;
+    if (!isa_available(isa)) return ERROR_ISA;
+    return 0;
+}
+
+/* Whether sgpt_matvec takes bfloat16 inputs for this weight with instruction set `isa` (else float32). */
+int32_t sgpt_takes_bfloat16(const Matrix *w, int32_t isa) {
+    return isa >= ISA_AVX512_BF16 && isa_available(ISA_AVX512_BF16) && bf16_covers(w);
+}
+
+/* y (n, rows) = x (n, cols) · Ŵᵀ, n <= MAX_VECTORS, with instruction set `isa` where it covers the
+ * weight's shape and encoding (the next level down elsewhere, down to the portable loop). x is float32,
+ * or bfloat16 (`x_kind` KIND_BFLOAT16) where sgpt_takes_bfloat16 says so. 0, or a negative error. */
+int64_t sgpt_matvec(const Matrix *w, int64_t n, const void *x, int32_t x_kind, float *y, int32_t isa,
+                    int32_t threads) {
+    int64_t status = check(w, isa);
+    if (status) return status;
+    if (n < 0 || n > MAX_VECTORS || (x_kind != KIND_FLOAT32 && x_kind != KIND_BFLOAT16)) return ERROR_ARGUMENTS;
+    if (x_kind == KIND_BFLOAT16 && !sgpt_takes_bfloat16(w, isa)) return ERROR_ARGUMENTS;
+    if (isa == ISA_AVX512_BF16 && x_kind == KIND_FLOAT32) isa = ISA_AVX512;
+    if (isa == ISA_AVX512 && !avx512_covers(w)) isa = ISA_AVX2;
+    if (isa == ISA_AVX2 && !avx2_covers(w)) isa = ISA_PORTABLE;
+    int64_t block = 16, blocks = (w->rows + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t first = b * block, last = first + block < w->rows ? first + block : w->rows;
+#if defined(__GNUC__) && defined(__x86_64__)
+        if (isa == ISA_AVX512_BF16) {
+            matvec_rows_bf16(w, first, last, n, (const uint16_t *)x, y);
+            continue;
+        }
+        if (isa == ISA_AVX512) {
+            matvec_rows_avx512(w, first, last, n, (const float *)x, y);
+            continue;
+        }
+        if (isa == ISA_AVX2) {
+            matvec_rows_avx2(w, first, last, n, (const float *)x, y);
+            continue;
+        }
+#endif
+        matvec_rows_portable(w, first, last, n, (const float *)x, y);
+    }
+    return 0;
+}
+
+/* Rows [first, last) of Ŵ, densely and row-major, into `out` of kind `out_kind` (KIND_FLOAT32/BFLOAT16/
+ * FLOAT16; the weights' values rounded to it, exact when it is their dtype or float32). */
+int64_t sgpt_densify(const Matrix *w, int64_t first, int64_t last, int32_t out_kind, void *out, int32_t isa,
+                     int32_t threads) {
+    int64_t status = check(w, isa);
+    if (status) return status;
+    if (first < 0 || last > w->rows || first > last || out_kind < 0 || out_kind > KIND_FLOAT16) return ERROR_ARGUMENTS;
+    if (isa == ISA_AVX512_BF16) isa = ISA_AVX512;
+    if (isa == ISA_AVX512 && !avx512_covers(w)) isa = ISA_AVX2;
+    if (isa == ISA_AVX2 && !avx2_covers(w)) isa = ISA_PORTABLE;
+    int64_t block = 16, blocks = (last - first + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t begin = first + b * block, end = begin + block < last ? begin + block : last;
+#if defined(__GNUC__) && defined(__x86_64__)
+        if (isa == ISA_AVX512) {
+            densify_rows_avx512(w, begin, end, first, out_kind, out);
+            continue;
+        }
+        if (isa == ISA_AVX2) {
+            densify_rows_avx2(w, begin, end, first, out_kind, out);
+            continue;
+        }
+#endif
+        densify_rows_portable(w, begin, end, first, out_kind, out);
+    }
+    return 0;
+}
+
+/* offsets[r] = the kept entries before row r (rows + 1 of them), from a bitmask; returns the total. */
+int64_t sgpt_row_offsets(const uint8_t *mask, int64_t mask_size, int64_t rows, int64_t cols, int64_t *offsets) {
+    int64_t total = 0;
+    for (int64_t row = 0; row < rows; row++) {
+        offsets[row] = total;
+        int64_t done = 0, first = row * cols;
+        for (; done + 32 <= cols; done += 32) total += popcount64(mask_bits(mask, mask_size, first + done, 32));
+        if (done < cols) total += popcount64(mask_bits(mask, mask_size, first + done, cols - done));
+    }
+    offsets[rows] = total;
+    return total;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_kernels", .m_doc = "Sparse matrix kernels, called through ctypes.", .m_size = -1};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

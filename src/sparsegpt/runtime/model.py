@@ -1,0 +1,140 @@
+"""A transformers model whose pruned linear layers run from their compact encoding.
+
+The model is built without memory for its parameters; each stored tensor is then read once: a pruned
+linear weight (a ``bitmask``, ``nm`` or ``full`` entry of a compact folder, or a weight a plain folder's
+tensor encodes to) becomes a ``SparseLinear`` holding its encoding, every other tensor is loaded densely.
+No dense copy of a pruned weight exists at any moment when loading a compact folder; loading a plain one
+holds one dense tensor at a time, while it is encoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats import compact
+from sparsegpt.formats.shards import read_header, read_tensor
+from sparsegpt.models import config_dtype, read_config
+from sparsegpt.runtime.linear import PackedWeight, Scratch, SparseLinear
+
+log = logging.getLogger(__name__)
+
+SPARSE_ENCODINGS = ("bitmask", "nm", "full")
+
+Entry = tuple[str, dict[str, Any], Callable[[str], torch.Tensor]]
+
+
+def load_sparse(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """The model of a compact or plain pruned folder with its pruned linears as ``SparseLinear``.
+
+    ``dtype`` is that of the dense parameters and of the activations; sparse weights keep their stored
+    values (bf16 values run with float32 activations as they are, exactly).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = read_config(folder)
+    dtype = config_dtype(config, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    entries = _compact_entries(folder) if compact.is_compact(folder) else _plain_entries(folder)
+    sparse, scratch = 0, Scratch()
+    for name, entry, read in entries:
+        sparse += _load_entry(model, name, entry, read, dtype, scratch)
+    model.tie_weights()
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if missing:
+        raise SparseGPTError(f"{folder} lacks tensor {missing[0]} (and {len(missing) - 1} more)")
+    if sparse == 0:
+        log.warning("%s holds no pruned linear weights: the model runs densely", folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model.eval()
+
+
+def sparse_modules(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """The model's sparse linear modules, by name."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take: dense parameters and buffers (each storage once) plus every sparse
+    module's encoding."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total + sum(module.weight_packed.nbytes for _, module in sparse_modules(model))
+
+
+def _compact_entries(folder: Path) -> Iterator[Entry]:
+    manifest = compact.read_manifest(folder)
+    with compact.opened_entries(folder, manifest) as entries:
+        yield from entries
+
+
+def _plain_entries(folder: Path) -> Iterator[Entry]:
+    """A plain folder's tensors encoded one at a time, as ``pack`` would store them."""
+    patterns = compact.nm_patterns(folder)
+    quant = compact.read_quant_sidecar(folder)
+    for path in compact.dense_files(folder):
+        start, header = read_header(path)
+        for name, info in header.items():
+            entry, parts = compact.encode_tensor(
+                name, read_tensor(path, start, name, info), quant.pop(name, None), patterns
+            )
+            yield name, entry, parts.__getitem__
+
+
+def _load_entry(
+    model: nn.Module,
+    name: str,
+    entry: dict[str, Any],
+    read: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    scratch: Scratch,
+) -> int:
+    """Put one stored tensor into ``model``; 1 where it became a sparse module, else 0."""
+    from transformers.pytorch_utils import Conv1D
+
+    owner_name, _, attribute = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        raise SparseGPTError(f"{name}: the folder holds a tensor the model does not have") from None
+    stored = compact.read_stored(name, entry, read)
+    linear = (isinstance(owner, nn.Linear) and not stored.transposed) or (
+        isinstance(owner, Conv1D) and stored.transposed
+    )
+    if attribute == "weight" and linear and stored.encoding in SPARSE_ENCODINGS:
+        packed = PackedWeight.from_stored(stored)
+        parent_name, _, child = owner_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, SparseLinear(packed, getattr(owner, "bias", None), scratch))
+        return 1
+    if stored.encoding == "plain":
+        assert stored.values is not None
+        tensor = stored.values
+    else:  # a sparse tensor the runtime has no module for (an expert bank): dense
+        tensor = compact.decode_tensor(name, entry, read)
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if attribute in owner._parameters:
+        expected = owner._parameters[attribute]
+        if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
+            raise SparseGPTError(
+                f"{name}: shape {list(tensor.shape)} does not match the model's {list(expected.shape)}"
+            )
+        owner._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+    elif attribute in owner._buffers:
+        owner._buffers[attribute] = tensor
+    else:
+        raise SparseGPTError(f"{name}: the folder holds a tensor the model does not have")
+    return 0
