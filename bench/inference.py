@@ -77,6 +77,7 @@ def folder_of(work: Path, model: str, form: Format) -> Path:
         config = dataclasses.replace(form.config, nsamples=16, seqlen=256)
         print(f"pruning {model} to {form.name} into {folder}", file=sys.stderr, flush=True)
         result = sparsegpt.prune(model, config, "sotu:train", [], dtype=form.dtype)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         result.save(folder, overwrite=True, compact_format=True)
     return folder
 

@@ -53,6 +53,9 @@ def test_sparsegpt_beats_magnitude_and_round_trips_through_disk(dense, pattern, 
     result.save(tmp_path / "pruned")
     reloaded, tokenizer, _ = sparsegpt.load_model(str(tmp_path / "pruned"))
     assert sparsegpt.evaluate(reloaded, tokenizer, EVAL[0])[1] == pytest.approx(result.ppl["sotu:test"], rel=1e-6)
+    # the plain folder through the sparse runtime (encoded while loading): the same perplexity
+    sparse, _, _ = sparsegpt.load_model(str(tmp_path / "pruned"), runtime="sparse")
+    assert sparsegpt.evaluate(sparse, tokenizer, EVAL[0])[1] == pytest.approx(result.ppl["sotu:test"], rel=1e-3)
     magnitude = sparsegpt.prune(fresh(dense), PruneConfig(method="magnitude", pattern=pattern), None, EVAL)
     assert result.ppl["sotu:test"] * 1.5 < magnitude.ppl["sotu:test"]
 
@@ -82,5 +85,13 @@ def test_joint_4_bit_prune_saves_compact_and_loads_back_exactly(dense, tmp_path)
     with safe_open(str(tmp_path / "plain" / "model.safetensors"), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118
             assert same_bits(loaded.state_dict()[key], handle.get_tensor(key)), key
-    _, value = sparsegpt.evaluate(sparsegpt.load_pretrained(tmp_path / "compact", "float32"), dense[1], EVAL[0])
+    decoded = sparsegpt.load_pretrained(tmp_path / "compact", "float32")
+    _, value = sparsegpt.evaluate(decoded, dense[1], EVAL[0])
     assert value < 2 * result.ppl["sotu:test"]
+    # run from the compact form: the decoded model's perplexity, and in fp32 its greedy tokens
+    sparse = sparsegpt.load_pretrained(tmp_path / "compact", "float32", runtime="sparse")
+    assert sparsegpt.evaluate(sparse, dense[1], EVAL[0])[1] == pytest.approx(value, rel=1e-3)
+    prompt = dense[1]("The state of the union is", return_tensors="pt").input_ids
+    options = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(decoded.generate(prompt, **options), sparse.generate(prompt, **options))

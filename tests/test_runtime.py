@@ -272,6 +272,13 @@ def test_resident_weights_are_no_larger_than_the_compact_files(folders):
     assert weight_bytes(sparsegpt.load_pretrained(packed, runtime="sparse")) <= 1.05 * stored
 
 
+def test_a_sparse_model_refuses_to_save_without_its_weights(folders, tmp_path):
+    sparse = sparsegpt.load_pretrained(folders["half-bf16"][1], runtime="sparse")
+    with pytest.raises(sparsegpt.SparseGPTError, match="no dense weights to save"):
+        sparse.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "model.safetensors").exists()
+
+
 def test_an_unknown_runtime_is_refused(folders):
     with pytest.raises(sparsegpt.SparseGPTError, match="unknown runtime"):
         sparsegpt.load_pretrained(folders["half-bf16"][1], runtime="fast")

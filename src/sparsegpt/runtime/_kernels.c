@@ -209,9 +209,37 @@ AVX512 static inline __m512i placed_codes(const Matrix *w, int64_t k, uint32_t b
     return _mm512_maskz_expand_epi16((__mmask32)bits, _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0f)));
 }
 
+/* The scale and the zero point times the scale of the quantization group a row's slice is in, broadcast;
+ * `end` is the group's last column + 1, so that a row's loop refreshes them once per group. */
+typedef struct {
+    __m512 scale, offset;
+    int64_t end;
+} Group512;
+
+AVX512 static inline void enter_group(const Matrix *w, int64_t row, int64_t j, Group512 *group) {
+    if (w->kind != KIND_CODES || 32 * j < group->end) return;
+    int64_t index = 32 * j / w->group, g = row * w->ngroups + index;
+    float scale = half_to_float(w->scales[g]);
+    group->scale = _mm512_set1_ps(scale);
+    group->offset = _mm512_set1_ps((float)w->zeros[g] * scale);
+    group->end = (index + 1) * w->group;
+}
+
+/* A slice's codes dequantized, c·s − z·s (both products exact: one rounding, as the reader), before the
+ * rounding to the weight's dtype; not masked. */
+AVX512 static inline void dequantized512(const Matrix *w, int64_t k, uint32_t bits, int count, const Group512 *group,
+                                         __m512 *low, __m512 *high) {
+    __m512i codes = placed_codes(w, k, bits, count);
+    __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
+    __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
+    *low = _mm512_fmsub_ps(first, group->scale, group->offset);
+    *high = _mm512_fmsub_ps(second, group->scale, group->offset);
+}
+
 /* The 32 weights of columns [32j, 32j + 32) of a row as two float32 vectors (zeros where not kept),
  * advancing `k`, the index of the row's next kept entry. */
-AVX512 static inline void slice512(const Matrix *w, int64_t row, int64_t j, int64_t *k, __m512 *low, __m512 *high) {
+AVX512 static inline void slice512(const Matrix *w, int64_t row, int64_t j, int64_t *k, Group512 *group, __m512 *low,
+                                   __m512 *high) {
     uint32_t bits = slice_bits(w, row, j);
     int count = __builtin_popcount(bits);
     if (w->kind == KIND_FLOAT32) {
@@ -232,16 +260,11 @@ AVX512 static inline void slice512(const Matrix *w, int64_t row, int64_t j, int6
             *high = _mm512_cvtph_ps(second);
         }
     } else {
-        __m512i codes = placed_codes(w, *k, bits, count);
-        int64_t g = row * w->ngroups + 32 * j / w->group;
-        float scale_value = half_to_float(w->scales[g]);
-        __m512 scale = _mm512_set1_ps(scale_value), zero = _mm512_set1_ps((float)w->zeros[g] * scale_value);
-        __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
-        __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
-        /* c·s − z·s: both products exact, one rounding, as the reader; +0.0 where not kept */
-        *low = _mm512_maskz_mov_ps((__mmask16)bits, round_to_kind512(_mm512_fmsub_ps(first, scale, zero), w->round));
-        *high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16),
-                                    round_to_kind512(_mm512_fmsub_ps(second, scale, zero), w->round));
+        enter_group(w, row, j, group);
+        dequantized512(w, *k, bits, count, group, low, high);
+        /* rounded to the weight's dtype; +0.0 where not kept */
+        *low = _mm512_maskz_mov_ps((__mmask16)bits, round_to_kind512(*low, w->round));
+        *high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16), round_to_kind512(*high, w->round));
     }
     *k += count;
 }
@@ -252,9 +275,10 @@ AVX512 static inline __attribute__((always_inline)) void row_avx512(const Matrix
     __m512 sums[4][2];
     for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
     int64_t k = w->offsets[row];
+    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
     for (int64_t j = 0; j < w->cols / 32; j++) {
         __m512 low, high;
-        slice512(w, row, j, &k, &low, &high);
+        slice512(w, row, j, &k, &group, &low, &high);
         for (int v = 0; v < count; v++) {
             const float *input = x + v * w->cols + 32 * j;
             sums[v][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(input), sums[v][0]);
@@ -287,29 +311,40 @@ static int bf16_covers(const Matrix *w) {
     return avx512_covers(w) && (w->kind == KIND_BFLOAT16 || (w->kind == KIND_CODES && w->round == KIND_BFLOAT16));
 }
 
-AVX512BF16 static inline __m512bh slice_bf16(const Matrix *w, int64_t row, int64_t j, int64_t *k) {
+AVX512BF16 static inline __m512bh slice_bf16(const Matrix *w, int64_t row, int64_t j, int64_t *k, Group512 *group) {
+    uint32_t bits = slice_bits(w, row, j);
+    int count = __builtin_popcount(bits);
+    __m512i placed;
     if (w->kind == KIND_BFLOAT16) {
-        uint32_t bits = slice_bits(w, row, j);
-        int count = __builtin_popcount(bits);
-        __m512i placed = placed16((const uint16_t *)w->values + *k, bits, count);
-        *k += count;
-        return (__m512bh)placed;
+        placed = placed16((const uint16_t *)w->values + *k, bits, count);
+    } else { /* codes: the conversion rounds to nearest, ties to even, as the reader; zeros where not kept */
+        __m512 low, high;
+        enter_group(w, row, j, group);
+        dequantized512(w, *k, bits, count, group, &low, &high);
+        placed = _mm512_maskz_mov_epi16((__mmask32)bits, (__m512i)_mm512_cvtne2ps_pbh(high, low));
     }
-    __m512 low, high;
-    slice512(w, row, j, k, &low, &high);
-    return _mm512_cvtne2ps_pbh(high, low); /* exact: both are bfloat16 values already */
+    *k += count;
+    return (__m512bh)placed;
 }
 
 AVX512BF16 static inline __attribute__((always_inline)) void row_bf16(const Matrix *w, int64_t row, const uint16_t *x,
                                                                       float *y, const int count) {
     __m512 sums[4][2];
     for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
-    int64_t k = w->offsets[row];
-    for (int64_t j = 0; j < w->cols / 32; j++) {
-        __m512bh weights = slice_bf16(w, row, j, &k);
-        for (int v = 0; v < count; v++) /* two sums per vector, alternating, to hide the latency */
-            sums[v][j & 1] = _mm512_dpbf16_ps(sums[v][j & 1], weights,
-                                              (__m512bh)_mm512_loadu_si512(x + v * w->cols + 32 * j));
+    int64_t k = w->offsets[row], slices = w->cols / 32, j = 0;
+    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
+    for (; j + 1 < slices; j += 2) { /* two slices, two sums per vector: the dot products' latency hidden */
+        __m512bh even = slice_bf16(w, row, j, &k, &group), odd = slice_bf16(w, row, j + 1, &k, &group);
+        for (int v = 0; v < count; v++) {
+            const uint16_t *input = x + v * w->cols + 32 * j;
+            sums[v][0] = _mm512_dpbf16_ps(sums[v][0], even, (__m512bh)_mm512_loadu_si512(input));
+            sums[v][1] = _mm512_dpbf16_ps(sums[v][1], odd, (__m512bh)_mm512_loadu_si512(input + 32));
+        }
+    }
+    if (j < slices) {
+        __m512bh last = slice_bf16(w, row, j, &k, &group);
+        for (int v = 0; v < count; v++)
+            sums[v][0] = _mm512_dpbf16_ps(sums[v][0], last, (__m512bh)_mm512_loadu_si512(x + v * w->cols + 32 * j));
     }
     for (int v = 0; v < count; v++) y[v * w->rows + row] = _mm512_reduce_add_ps(_mm512_add_ps(sums[v][0], sums[v][1]));
 }
@@ -334,9 +369,10 @@ AVX512 static void densify_rows_avx512(const Matrix *w, int64_t first, int64_t l
     int64_t slices = w->cols / 32;
     for (int64_t row = first; row < last; row++) {
         int64_t k = w->offsets[row], base = (row - start) * w->cols;
+        Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
         for (int64_t j = 0; j < slices; j++) {
             __m512 low, high;
-            slice512(w, row, j, &k, &low, &high);
+            slice512(w, row, j, &k, &group, &low, &high);
             if (out_kind == KIND_FLOAT32) {
                 _mm512_storeu_ps((float *)out + base + 32 * j, low);
                 _mm512_storeu_ps((float *)out + base + 32 * j + 16, high);

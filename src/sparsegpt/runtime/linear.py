@@ -214,6 +214,13 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.scratch = scratch if scratch is not None else Scratch()
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # a state dict without the weight would save a model that loads with random weights
+        raise SparseGPTError(
+            "a model on the sparse runtime has no dense weights to save; save or copy the folder it was "
+            "loaded from, or load it with runtime='dense'"
+        )
+
     def extra_repr(self) -> str:
         kept = int(self.weight_packed.offsets[-1])
         share = kept / max(1, self.in_features * self.out_features)
