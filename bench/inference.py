@@ -101,13 +101,20 @@ def load(folder: Path, form: Format) -> nn.Module:
 
 def memory_probe(folder: Path) -> dict[str, float]:
     """In a child process: resident bytes the sparse model adds, and the peak while loading it."""
+    # the baseline is taken once torch, transformers and the model's classes are imported (a model built
+    # without memory first), so that only what the weights take is counted
     script = f"""
-import json, sparsegpt, torch, transformers
+import json, sparsegpt, torch
 from pathlib import Path
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
+from sparsegpt.models import read_config
 def status(key):
     for line in Path('/proc/self/status').read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) * 1024
+with init_empty_weights():
+    AutoModelForCausalLM.from_config(read_config(Path({str(folder)!r})))
 Path('/proc/self/clear_refs').write_text('5')
 base = status('VmRSS:')
 model = sparsegpt.load_pretrained({str(folder)!r}, runtime='sparse')
@@ -149,14 +156,14 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     formats = [form for form in FORMATS if form.name in args.formats]
     folders = {form.name: dense_folder if form.config is None else folder_of(args.work, name, form) for form in formats}
     models = {form.name: load(folders[form.name], form) for form in formats}
-    rows = {form.name: {"model": name, "format": form.name, "prefill": [], "decode": []} for form in formats}
+    rows = {form.name: {"model": name, "format": form.name, "prefill_runs": [], "decode_runs": []} for form in formats}
     anchor: dict[str, list] = {"prefill": [], "decode": []}
     for round_number in range(args.rounds):
         for form in formats:
             new, prefill, decode = generate_ids(models[form.name], ids, args.new_tokens, stop_at_end=False)
             assert len(new) == args.new_tokens
-            rows[form.name]["prefill"].append(args.prompt_tokens / prefill)
-            rows[form.name]["decode"].append((args.new_tokens - 1) / decode)
+            rows[form.name]["prefill_runs"].append(args.prompt_tokens / prefill)
+            rows[form.name]["decode_runs"].append((args.new_tokens - 1) / decode)
         if args.llama_python != "none":
             result = llama_cpp(args.llama_python, assets.alias_gguf(name), prompt_file, args)
             anchor["prefill"].append(result["prefill_tokens_per_s"])
@@ -171,19 +178,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         row["weight_bytes"] = weight_bytes(model)
         row["bytes_per_token"] = bytes_per_token(model)
         if reference in rows:
-            paired = [mine / theirs for mine, theirs in zip(row["decode"], rows[reference]["decode"])]
+            paired = [mine / theirs for mine, theirs in zip(row["decode_runs"], rows[reference]["decode_runs"])]
             row["decode_vs_dense_bf16"] = statistics.median(paired)
             row["bound"] = bytes_per_token(models[reference]) / row["bytes_per_token"]
             row["share_of_bound"] = row["decode_vs_dense_bf16"] / row["bound"]
-            prefill = [mine / theirs for mine, theirs in zip(row["prefill"], rows[reference]["prefill"])]
+            prefill = [mine / theirs for mine, theirs in zip(row["prefill_runs"], rows[reference]["prefill_runs"])]
             row["prefill_vs_dense_bf16"] = statistics.median(prefill)
         if form.config is not None:
             row["compact_bytes"] = compact_bytes(folders[form.name])
             row["largest_dense_tensor_bytes"] = largest_tensor_bytes(model)
             if not args.skip_memory:
                 row.update({f"load_{key}_bytes": value for key, value in memory_probe(folders[form.name]).items()})
-        row["prefill_tokens_per_s"] = statistics.median(row.pop("prefill"))
-        row["decode_tokens_per_s"] = statistics.median(row.pop("decode"))
+        row["prefill_tokens_per_s"] = statistics.median(row["prefill_runs"])
+        row["decode_tokens_per_s"] = statistics.median(row["decode_runs"])
         results.append(row)
     if anchor["decode"]:
         results.append(

@@ -27,10 +27,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    model = llama_cpp.Llama(
-        model_path=args.gguf,
-        n_ctx=args.prompt_tokens + args.new_tokens + 8,
-        n_batch=args.prompt_tokens,
+    context = args.prompt_tokens + args.new_tokens + 8
+    model = llama_cpp.Llama(  # one batch as long as the context: the prompt in one evaluation, and a row of
+        model_path=args.gguf,  # `scores` (n_batch of them) for every position's logits
+        n_ctx=context,
+        n_batch=context,
         n_threads=args.threads,
         n_threads_batch=args.threads,
         verbose=False,
@@ -44,7 +45,7 @@ def main() -> None:
         model.reset()
         started = time.perf_counter()
         model.eval(prompt)
-        token = int(max(range(model.n_vocab()), key=lambda index: model.scores[model.n_tokens - 1, index]))
+        token = int(model.scores[model.n_tokens - 1].argmax())
         prefilled = time.perf_counter()
         for _ in range(args.new_tokens - 1):  # greedy, whatever the token (end of text included)
             model.eval([token])

@@ -168,9 +168,17 @@ def test_sparse_linear_is_a_dense_linear(dtype, tokens):
     assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
+def test_invalid_nm_positions_are_refused():
+    weight = pruned((8, 32), torch.float32, pattern=(2, 4))
+    entry, parts = encode_tensor("w", weight)
+    parts["w::positions"] = torch.full_like(parts["w::positions"], 0xFF)  # every position 3: not increasing
+    with pytest.raises(sparsegpt.SparseGPTError, match="not strictly increasing"):
+        PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__))
+
+
 def test_sparse_modules_refuse_gradients():
     packed, _ = packed_case("bitmask-bf16")
-    with pytest.raises(sparsegpt.SparseGPTError, match="inference only"):
+    with pytest.raises(sparsegpt.SparseGPTError, match="torch.no_grad"):
         SparseLinear(packed)(torch.randn(1, packed.cols, requires_grad=True))
 
 
@@ -277,6 +285,19 @@ def test_a_sparse_model_refuses_to_save_without_its_weights(folders, tmp_path):
     with pytest.raises(sparsegpt.SparseGPTError, match="no dense weights to save"):
         sparse.save_pretrained(tmp_path / "copy")
     assert not (tmp_path / "copy" / "model.safetensors").exists()
+
+
+def test_a_corrupted_compact_folder_is_refused_naming_the_tensor(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(folders["2:4-fp32"][1], folder)
+    data = next(folder.glob("compact-*.safetensors"))
+    raw = bytearray(data.read_bytes())
+    raw[-10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(sparsegpt.SparseGPTError, match="CRC32 mismatch"):
+        sparsegpt.load_pretrained(folder, runtime="sparse")
 
 
 def test_an_unknown_runtime_is_refused(folders):

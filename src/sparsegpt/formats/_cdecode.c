@@ -18,30 +18,9 @@
 
 enum { LAYOUT_ALL = 0, LAYOUT_BITMASK = 1, LAYOUT_NM = 2 };
 enum { OUT_FLOAT32 = 0, OUT_BFLOAT16 = 1, OUT_FLOAT16 = 2 };
-enum { ERROR_POSITIONS = -1, ERROR_MEMORY = -2, ERROR_ARGUMENTS = -3 };
+enum { ERROR_MEMORY = -2, ERROR_ARGUMENTS = -3 }; /* and ERROR_POSITIONS (_encoding.h) */
 
-#include "_floats.h"
-
-/* Row `row` of an N:M tensor as a bit row (bit c set where column c is kept), from the in-group
- * positions; 0, or ERROR_POSITIONS where they are out of range or not strictly increasing. */
-static int64_t nm_row(int64_t row, int64_t cols, const uint8_t *positions, int64_t positions_size, int64_t m,
-                      int64_t keep, uint8_t *row_bits) {
-    int64_t bits = 1;
-    while ((1 << bits) < m) bits++;
-    memset(row_bits, 0, (size_t)(cols + 7) / 8);
-    int64_t first = row * (cols / m) * keep;
-    for (int64_t group = 0; group < cols / m; group++) {
-        int64_t previous = -1;
-        for (int64_t j = 0; j < keep; j++) {
-            int64_t place = bits_at(positions, positions_size, (first + group * keep + j) * bits, bits);
-            if (place >= m || place <= previous) return ERROR_POSITIONS;
-            int64_t col = group * m + place;
-            row_bits[col >> 3] |= (uint8_t)(1u << (col & 7));
-            previous = place;
-        }
-    }
-    return 0;
-}
+#include "_encoding.h"
 
 /* The same from a table: `table[code]` holds the column bits of a group whose `keep` positions read as
  * `code` (keep·b <= 8 bits, m <= 8), with bit 15 set where they are invalid. */
@@ -339,12 +318,19 @@ int64_t sgpt_decode(int64_t rows, int64_t cols, int32_t layout, const uint8_t *m
         RowMask row_mask = {row_bits, (cols + 7) / 8, 0};
         if (layout == LAYOUT_BITMASK) {
             row_mask = (RowMask){mask, (rows * cols + 7) / 8, row * cols};
-        } else if (layout == LAYOUT_NM &&
-                   (use_table ? nm_row_from_table(row, cols, positions, positions_size, m, per_group, positions_table,
-                                                  use_bytes ? positions_bytes : NULL, row_bits)
-                              : nm_row(row, cols, positions, positions_size, m, keep, row_bits)) < 0) {
-            marked = ERROR_POSITIONS;
-            break;
+        } else if (layout == LAYOUT_NM) {
+            int64_t status;
+            if (use_table) {
+                status = nm_row_from_table(row, cols, positions, positions_size, m, per_group, positions_table,
+                                           use_bytes ? positions_bytes : NULL, row_bits);
+            } else {
+                memset(row_bits, 0, (size_t)(cols + 7) / 8);
+                status = nm_row(row, cols, positions, positions_size, m, keep, row_bits, 0);
+            }
+            if (status < 0) {
+                marked = ERROR_POSITIONS;
+                break;
+            }
         }
         int64_t k = marked;
         marked += layout == LAYOUT_BITMASK ? row_counts[row] : layout == LAYOUT_NM ? cols / m * keep : cols;

@@ -21,12 +21,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../formats/_floats.h"
+#include "../formats/_encoding.h"
 
 enum { KIND_FLOAT32 = 0, KIND_BFLOAT16 = 1, KIND_FLOAT16 = 2, KIND_CODES = 3 };
 /* Each level includes the ones below it (every AVX-512 processor has AVX2). */
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
-enum { ERROR_ARGUMENTS = -1, ERROR_ISA = -2 };
+enum { ERROR_ARGUMENTS = -2, ERROR_ISA = -3 }; /* and ERROR_POSITIONS (_encoding.h) */
 enum { MAX_VECTORS = 64 };
 
 /* The layout above; the Python side fills one per weight (runtime/kernels.py, ctypes.Structure). */
@@ -189,30 +189,33 @@ AVX512 static inline __m512i placed16(const uint16_t *values, uint32_t bits, int
     return _mm512_maskz_expand_epi16((__mmask32)bits, packed);
 }
 
-/* The codes of a slice's kept entries, from code index k on, placed in 16-bit lanes (zeros elsewhere). */
-AVX512 static inline __m512i placed_codes(const Matrix *w, int64_t k, uint32_t bits, int count) {
+/* The `count` codes of a slice's kept entries, from code index k on, one to a 16-bit lane in stored order
+ * (not yet placed at their columns; lanes past `count` are garbage). */
+AVX512 static inline __m512i packed_codes(const Matrix *w, int64_t k, int count) {
     if (w->bits == 8) {
         _mm_prefetch((const char *)(w->codes + k + PREFETCH_VALUES), _MM_HINT_T0);
-        __m256i packed = _mm256_maskz_loadu_epi8((__mmask32)((1ull << count) - 1), w->codes + k);
-        return _mm512_cvtepu8_epi16(_mm256_maskz_expand_epi8((__mmask32)bits, packed));
+        return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1ull << count) - 1), w->codes + k));
     }
-    /* 4 bits: `count` nibbles from nibble k, spread one to a 16-bit lane */
+    /* 4 bits: lane i takes nibble i + (k & 1) of the bytes loaded from byte k / 2 (computed, not branched
+     * on: at 50% sparsity k's parity is random) */
     _mm_prefetch((const char *)(w->codes + k / 2 + PREFETCH_VALUES / 2), _MM_HINT_T0);
     int odd = (int)(k & 1), bytes = (odd + count + 1) / 2;
     __m512i lanes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1ull << bytes) - 1), w->codes + k / 2));
-    __m512i index = odd ? _mm512_set_epi16(16, 15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6,
-                                           6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0)
-                        : _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6,
-                                           5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    __m512i shift = odd ? _mm512_set1_epi32(0x00000004) : _mm512_set1_epi32(0x00040000);
-    __m512i nibbles = _mm512_srlv_epi16(_mm512_permutexvar_epi16(index, lanes), shift);
-    return _mm512_maskz_expand_epi16((__mmask32)bits, _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0f)));
+    __m512i nibble = _mm512_add_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                       15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                      _mm512_set1_epi16((short)odd));
+    __m512i shift = _mm512_slli_epi16(_mm512_and_si512(nibble, _mm512_set1_epi16(1)), 2);
+    __m512i nibbles = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_srli_epi16(nibble, 1), lanes), shift);
+    return _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0f));
 }
 
-/* The scale and the zero point times the scale of the quantization group a row's slice is in, broadcast;
- * `end` is the group's last column + 1, so that a row's loop refreshes them once per group. */
+/* The quantization group a row's slice is in: its scale and zero point times the scale, broadcast, and
+ * for 4-bit codes the 16 weights its codes stand for, rounded to the weight's dtype (16-bit lanes 0-15
+ * for bfloat16 and float16 weights, float32 lanes for float32 ones), so that a slice's codes become
+ * weights by one table lookup. `end` is the group's last column + 1: a row refreshes it once per group. */
 typedef struct {
     __m512 scale, offset;
+    __m512i table;
     int64_t end;
 } Group512;
 
@@ -223,17 +226,46 @@ AVX512 static inline void enter_group(const Matrix *w, int64_t row, int64_t j, G
     group->scale = _mm512_set1_ps(scale);
     group->offset = _mm512_set1_ps((float)w->zeros[g] * scale);
     group->end = (index + 1) * w->group;
+    if (w->bits != 4) return;
+    __m512 codes = _mm512_cvtepi32_ps(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    /* c·s − z·s: both products exact, one rounding, as the reader */
+    __m512 weights = round_to_kind512(_mm512_fmsub_ps(codes, group->scale, group->offset), w->round);
+    if (w->round == KIND_FLOAT32)
+        group->table = _mm512_castps_si512(weights);
+    else if (w->round == KIND_BFLOAT16)
+        group->table = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(weights), 16)));
+    else
+        group->table = _mm512_zextsi256_si512(_mm512_cvtps_ph(weights, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-/* A slice's codes dequantized, c·s − z·s (both products exact: one rounding, as the reader), before the
- * rounding to the weight's dtype; not masked. */
-AVX512 static inline void dequantized512(const Matrix *w, int64_t k, uint32_t bits, int count, const Group512 *group,
-                                         __m512 *low, __m512 *high) {
-    __m512i codes = placed_codes(w, k, bits, count);
-    __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(codes)));
-    __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(codes, 1)));
-    *low = _mm512_fmsub_ps(first, group->scale, group->offset);
-    *high = _mm512_fmsub_ps(second, group->scale, group->offset);
+/* A slice's codes as weights of the weight's 16-bit dtype, placed at their columns (zeros elsewhere). */
+AVX512 static inline __m512i placed_weights16(const Matrix *w, int64_t k, uint32_t bits, int count,
+                                              const Group512 *group) {
+    __m512i codes = packed_codes(w, k, count);
+    if (w->bits == 4) return _mm512_maskz_expand_epi16((__mmask32)bits, _mm512_permutexvar_epi16(codes, group->table));
+    __m512i placed = _mm512_maskz_expand_epi16((__mmask32)bits, codes);
+    __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(placed)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(placed, 1)));
+    low = _mm512_maskz_mov_ps((__mmask16)bits, _mm512_fmsub_ps(low, group->scale, group->offset));
+    high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16), _mm512_fmsub_ps(high, group->scale, group->offset));
+    if (w->round == KIND_FLOAT16)
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(low, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+                                  _mm512_cvtps_ph(high, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 1);
+    __m512i first = _mm512_srli_epi32(_mm512_castps_si512(round_to_kind512(low, KIND_BFLOAT16)), 16);
+    __m512i second = _mm512_srli_epi32(_mm512_castps_si512(round_to_kind512(high, KIND_BFLOAT16)), 16);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(first)), _mm512_cvtepi32_epi16(second), 1);
+}
+
+/* 32 16-bit weights (bfloat16 or float16 bit patterns) as two float32 vectors. */
+AVX512 static inline void widen512(__m512i placed, int32_t kind, __m512 *low, __m512 *high) {
+    __m256i first = _mm512_castsi512_si256(placed), second = _mm512_extracti64x4_epi64(placed, 1);
+    if (kind == KIND_BFLOAT16) {
+        *low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(first), 16));
+        *high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(second), 16));
+    } else {
+        *low = _mm512_cvtph_ps(first);
+        *high = _mm512_cvtph_ps(second);
+    }
 }
 
 /* The 32 weights of columns [32j, 32j + 32) of a row as two float32 vectors (zeros where not kept),
@@ -250,21 +282,25 @@ AVX512 static inline void slice512(const Matrix *w, int64_t row, int64_t j, int6
         *high = _mm512_maskz_expand_ps((__mmask16)(bits >> 16),
                                        _mm512_maskz_loadu_ps((__mmask16)((1u << (count - first)) - 1), values + first));
     } else if (w->kind != KIND_CODES) {
-        __m512i placed = placed16((const uint16_t *)w->values + *k, bits, count);
-        __m256i first = _mm512_castsi512_si256(placed), second = _mm512_extracti64x4_epi64(placed, 1);
-        if (w->kind == KIND_BFLOAT16) {
-            *low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(first), 16));
-            *high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(second), 16));
-        } else {
-            *low = _mm512_cvtph_ps(first);
-            *high = _mm512_cvtph_ps(second);
-        }
+        widen512(placed16((const uint16_t *)w->values + *k, bits, count), w->kind, low, high);
     } else {
         enter_group(w, row, j, group);
-        dequantized512(w, *k, bits, count, group, low, high);
-        /* rounded to the weight's dtype; +0.0 where not kept */
-        *low = _mm512_maskz_mov_ps((__mmask16)bits, round_to_kind512(*low, w->round));
-        *high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16), round_to_kind512(*high, w->round));
+        if (w->round != KIND_FLOAT32) {
+            widen512(placed_weights16(w, *k, bits, count, group), w->round, low, high);
+        } else { /* float32 weights: codes placed, then looked up (4 bits) or dequantized (8 bits) */
+            __m512i placed = _mm512_maskz_expand_epi16((__mmask32)bits, packed_codes(w, *k, count));
+            __m512i first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(placed));
+            __m512i second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(placed, 1));
+            if (w->bits == 4) {
+                *low = _mm512_permutexvar_ps(first, _mm512_castsi512_ps(group->table));
+                *high = _mm512_permutexvar_ps(second, _mm512_castsi512_ps(group->table));
+            } else {
+                *low = _mm512_fmsub_ps(_mm512_cvtepi32_ps(first), group->scale, group->offset);
+                *high = _mm512_fmsub_ps(_mm512_cvtepi32_ps(second), group->scale, group->offset);
+            }
+            *low = _mm512_maskz_mov_ps((__mmask16)bits, *low); /* +0.0 where not kept */
+            *high = _mm512_maskz_mov_ps((__mmask16)(bits >> 16), *high);
+        }
     }
     *k += count;
 }
@@ -317,11 +353,9 @@ AVX512BF16 static inline __m512bh slice_bf16(const Matrix *w, int64_t row, int64
     __m512i placed;
     if (w->kind == KIND_BFLOAT16) {
         placed = placed16((const uint16_t *)w->values + *k, bits, count);
-    } else { /* codes: the conversion rounds to nearest, ties to even, as the reader; zeros where not kept */
-        __m512 low, high;
+    } else {
         enter_group(w, row, j, group);
-        dequantized512(w, *k, bits, count, group, &low, &high);
-        placed = _mm512_maskz_mov_epi16((__mmask32)bits, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        placed = placed_weights16(w, *k, bits, count, group);
     }
     *k += count;
     return (__m512bh)placed;
@@ -587,6 +621,16 @@ int64_t sgpt_row_offsets(const uint8_t *mask, int64_t mask_size, int64_t rows, i
     }
     offsets[rows] = total;
     return total;
+}
+
+/* The packed row-major bitmask (`mask`, zeroed by the caller) of an N:M tensor from its in-group positions
+ * (docs/FORMAT.md): 0, or ERROR_POSITIONS where they are out of range or not strictly increasing. */
+int64_t sgpt_nm_mask(const uint8_t *positions, int64_t positions_size, int64_t rows, int64_t cols, int64_t m,
+                     int64_t keep, uint8_t *mask) {
+    if (m < 2 || cols % m || keep <= 0 || keep >= m) return ERROR_ARGUMENTS;
+    for (int64_t row = 0; row < rows; row++)
+        if (nm_row(row, cols, positions, positions_size, m, keep, mask, row * cols) < 0) return ERROR_POSITIONS;
+    return 0;
 }
 
 static struct PyModuleDef module = {

@@ -13,6 +13,7 @@ PORTABLE, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 ISA_NAMES = {PORTABLE: "portable", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODES = 3
+POSITIONS_ERROR = -1
 MAX_VECTORS = 64
 """The most vectors one ``matvec`` call takes (sgpt_matvec's MAX_VECTORS)."""
 
@@ -58,6 +59,8 @@ def library() -> Any:
     native.sgpt_takes_bfloat16.argtypes = [ctypes.POINTER(Matrix), small]
     native.sgpt_densify.restype = integer
     native.sgpt_densify.argtypes = [ctypes.POINTER(Matrix), integer, integer, small, pointer, small, small]
+    native.sgpt_nm_mask.restype = integer
+    native.sgpt_nm_mask.argtypes = [pointer, integer, integer, integer, integer, integer, pointer]
     native.sgpt_row_offsets.restype = integer
     native.sgpt_row_offsets.argtypes = [pointer, integer, integer, integer, pointer]
     return native

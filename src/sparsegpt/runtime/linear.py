@@ -51,8 +51,13 @@ class PackedWeight:
     group: int = 0
 
     def __post_init__(self) -> None:
-        self._matrix = self._native_matrix() if kernels.library() is not None else None
+        native = kernels.library()
+        self._matrix = self._native_matrix() if native is not None else None
         self.isa = kernels.best_isa()
+        # asked once per instruction set: each call costs a few microseconds, and a token makes hundreds
+        self._takes_bfloat16 = {
+            isa: bool(native.sgpt_takes_bfloat16(ctypes.byref(self._matrix), isa)) for isa in kernels.available_isas()
+        }
 
     @classmethod
     def from_stored(cls, stored: StoredTensor) -> PackedWeight:
@@ -109,15 +114,16 @@ class PackedWeight:
         if self._matrix is None:
             return inputs.float() @ self.dense(torch.float32).T
         isa = self.isa if isa is None else isa
-        native = kernels.library()
-        bf16 = inputs.dtype == torch.bfloat16 and bool(native.sgpt_takes_bfloat16(ctypes.byref(self._matrix), isa))
+        bf16 = inputs.dtype == torch.bfloat16 and self._takes_bfloat16.get(isa, False)
         inputs = inputs.contiguous() if bf16 else inputs.float().contiguous()
         out = torch.empty(inputs.shape[0], self.rows, dtype=torch.float32)
+        threads = torch.get_num_threads() if threads is None else threads
+        kind = kernels.KINDS[inputs.dtype]
         for start in range(0, inputs.shape[0], kernels.MAX_VECTORS):
-            chunk = inputs[start : start + kernels.MAX_VECTORS]
-            status = native.sgpt_matvec(
-                ctypes.byref(self._matrix), chunk.shape[0], chunk.data_ptr(), kernels.KINDS[chunk.dtype],
-                out[start:].data_ptr(), isa, torch.get_num_threads() if threads is None else threads,
+            count = min(kernels.MAX_VECTORS, inputs.shape[0] - start)
+            status = kernels.library().sgpt_matvec(
+                self._matrix, count, inputs.data_ptr() + start * self.cols * inputs.element_size(), kind,
+                out.data_ptr() + start * self.rows * 4, isa, threads,
             )  # fmt: skip
             if status:
                 raise SparseGPTError(f"the sparse kernel refused the call (code {status})")
@@ -174,7 +180,21 @@ def row_offsets(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _nm_mask(stored: StoredTensor) -> torch.Tensor:
-    """The packed bitmask of an N:M tensor's kept entries, from its (checked) in-group positions."""
+    """The packed bitmask of an N:M tensor's kept entries, from its in-group positions (checked)."""
+    assert stored.pattern is not None and stored.positions is not None
+    native = kernels.library()
+    if native is not None:  # in one pass, without the torch path's temporaries (8 bytes per kept weight)
+        n, m = stored.pattern
+        mask = torch.zeros((stored.rows * stored.cols + 7) // 8, dtype=torch.uint8)
+        positions = stored.positions.contiguous()
+        status = native.sgpt_nm_mask(
+            positions.data_ptr(), positions.numel(), stored.rows, stored.cols, m, m - n, mask.data_ptr()
+        )
+        if status == kernels.POSITIONS_ERROR:
+            raise SparseGPTError(f"{stored.name}: in-group positions are out of range or not strictly increasing")
+        if status:
+            raise SparseGPTError(f"{stored.name}: the sparse kernel refused its N:M pattern (code {status})")
+        return mask
     layout = stored.layout()
     assert layout.positions is not None
     groups = torch.zeros(stored.rows, stored.cols // layout.m, layout.m, dtype=torch.bool)
@@ -211,7 +231,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.weight_packed = weight
         self.in_features, self.out_features = weight.cols, weight.rows
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias)
         self.scratch = scratch if scratch is not None else Scratch()
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -229,7 +249,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.requires_grad and torch.is_grad_enabled():
-            raise SparseGPTError("sparse modules are for inference only (no gradients flow through them)")
+            raise SparseGPTError(
+                "sparse modules are for inference only (no gradients flow through them): run the model under "
+                "torch.no_grad() or torch.inference_mode()"
+            )
         flat = inputs.reshape(-1, self.in_features)
         weight = self.weight_packed
         if flat.shape[0] <= DECODE_TOKENS:

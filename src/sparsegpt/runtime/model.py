@@ -132,7 +132,9 @@ def _load_entry(
             raise SparseGPTError(
                 f"{name}: shape {list(tensor.shape)} does not match the model's {list(expected.shape)}"
             )
-        owner._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+        # requires_grad as transformers leaves it: with False, torch multiplies a bf16 lm_head by a sliced
+        # input through a path that copies the whole weight first (measured: 0.56 s against 0.02 s)
+        owner._parameters[attribute] = nn.Parameter(tensor)
     elif attribute in owner._buffers:
         owner._buffers[attribute] = tensor
     else:

@@ -1,8 +1,8 @@
-/* Number conversions and bit-stream reads shared by the native kernels (formats/_cdecode.c,
- * runtime/_kernels.c): float16 and bfloat16 to and from float32, rounding to nearest, ties to even, as
- * torch does. */
-#ifndef SPARSEGPT_FLOATS_H
-#define SPARSEGPT_FLOATS_H
+/* What the native kernels (formats/_cdecode.c, runtime/_kernels.c) share of the compact encoding
+ * (docs/FORMAT.md): float16 and bfloat16 to and from float32 (rounding to nearest, ties to even, as torch
+ * does), reads of little-endian bit streams, and N:M in-group positions turned into mask bits. */
+#ifndef SPARSEGPT_ENCODING_H
+#define SPARSEGPT_ENCODING_H
 #include <stdint.h>
 #include <string.h>
 
@@ -78,6 +78,29 @@ static inline int popcount64(uint64_t word) { /* without a library call where po
     word = (word & 0x3333333333333333ull) + ((word >> 2) & 0x3333333333333333ull);
     word = (word + (word >> 4)) & 0x0f0f0f0f0f0f0f0full;
     return (int)((word * 0x0101010101010101ull) >> 56);
+}
+
+enum { ERROR_POSITIONS = -1 };
+
+/* Sets the mask bits of row `row` of an N:M tensor (bit `first + c` of `out` for each kept column c; the
+ * caller zeroes `out`) from its in-group positions: 0, or ERROR_POSITIONS where they are out of range or
+ * not strictly increasing. */
+static int64_t nm_row(int64_t row, int64_t cols, const uint8_t *positions, int64_t positions_size, int64_t m,
+                      int64_t keep, uint8_t *out, int64_t first) {
+    int64_t bits = 1;
+    while ((1 << bits) < m) bits++;
+    int64_t start = row * (cols / m) * keep;
+    for (int64_t group = 0; group < cols / m; group++) {
+        int64_t previous = -1;
+        for (int64_t j = 0; j < keep; j++) {
+            int64_t place = bits_at(positions, positions_size, (start + group * keep + j) * bits, bits);
+            if (place >= m || place <= previous) return ERROR_POSITIONS;
+            int64_t bit = first + group * m + place;
+            out[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+            previous = place;
+        }
+    }
+    return 0;
 }
 
 #endif
