@@ -10,6 +10,8 @@ alternating round by round on the same threads:
 - bytes of weights read per decoded token (every matrix multiplied per token: the linears, dense or
   encoded, and lm_head; the embedding's one row aside) and the memory-traffic bound it gives: dense bf16's
   bytes over the format's, what decoding could gain over dense bf16 were it bound by memory alone;
+- where a decoded token's time goes: the decoder blocks' linears and lm_head, each timed alone, and the
+  rest (attention, norms, transformers' Python);
 - beside them, llama.cpp decoding the original GGUF file at the same thread count (``--llama-python``,
   the virtualenv bench/README.md makes; skipped with ``--llama-python none``).
 
@@ -29,6 +31,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +47,14 @@ from sparsegpt.runtime.model import weight_bytes
 from sparsegpt.solver import NMPattern
 
 LLAMA_WORKER = Path(__file__).with_name("llama_cpp_decode.py")
+LLAMA_FLAGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+    "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+    "-DGGML_AMX_BF16=OFF -DGGML_OPENMP=ON"
+)
 LLAMA_VENV = (
-    'python3 -m venv /tmp/llamavenv && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON '
-    '-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" /tmp/llamavenv/bin/pip install --no-binary llama-cpp-python '
-    "llama-cpp-python==0.3.36"
+    f'python3 -m venv /tmp/llamavenv && CMAKE_ARGS="{LLAMA_FLAGS}" '
+    "/tmp/llamavenv/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36"
 )
 
 
@@ -91,6 +98,32 @@ def bytes_per_token(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
+
+
+def decode_parts(model: nn.Module, repeats: int = 9) -> dict[str, float]:
+    """Milliseconds a decoded token spends in the decoder blocks' linears (sparse or dense) and in lm_head,
+    each timed alone on one token's inputs (every linear once, in model order; the median of ``repeats``)."""
+    head = model.get_output_embeddings()
+    linears = [
+        module for module in model.modules() if isinstance(module, (nn.Linear, SparseLinear)) and module is not head
+    ]
+    inputs = {width: torch.randn(1, 1, width).to(model.dtype) for width in {module.in_features for module in linears}}
+    head_input = torch.randn(1, 1, head.in_features).to(model.dtype)
+
+    def median_ms(call) -> float:
+        call()
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(seconds)
+
+    with torch.no_grad():
+        return {
+            "linears_ms": median_ms(lambda: [module(inputs[module.in_features]) for module in linears]),
+            "lm_head_ms": median_ms(lambda: head(head_input)),
+        }
 
 
 def load(folder: Path, form: Format) -> nn.Module:
@@ -176,6 +209,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         row, model = rows[form.name], models[form.name]
         row["runtime"] = "torch (dense)" if form.config is None else "sparsegpt sparse runtime"
         row["weight_bytes"] = weight_bytes(model)
+        row.update(decode_parts(model))
         row["bytes_per_token"] = bytes_per_token(model)
         if reference in rows:
             paired = [mine / theirs for mine, theirs in zip(row["decode_runs"], rows[reference]["decode_runs"])]
@@ -191,6 +225,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 row.update({f"load_{key}_bytes": value for key, value in memory_probe(folders[form.name]).items()})
         row["prefill_tokens_per_s"] = statistics.median(row["prefill_runs"])
         row["decode_tokens_per_s"] = statistics.median(row["decode_runs"])
+        row["rest_ms"] = 1e3 / row["decode_tokens_per_s"] - row["linears_ms"] - row["lm_head_ms"]
         results.append(row)
     if anchor["decode"]:
         results.append(
@@ -211,8 +246,8 @@ def table(results: list[dict]) -> str:
         return "" if value is None else form.format(value)
 
     lines = [
-        "| model | format | runtime | weights MB | read per token MB | bound × | decode tok/s | × dense bf16 | of bound | prefill tok/s | prefill × dense bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | format | runtime | weights MB | read per token MB | bound × | decode tok/s | × dense bf16 | of bound | prefill tok/s | prefill × dense bf16 | per token: linears, lm_head, rest ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         lines.append(
@@ -220,7 +255,12 @@ def table(results: list[dict]) -> str:
             f"{number(row.get('bytes_per_token') and row['bytes_per_token'] / 1e6, '{:.0f}')} | {number(row.get('bound'))} | "
             f"{row['decode_tokens_per_s']:.1f} | {number(row.get('decode_vs_dense_bf16'))} | "
             f"{number(row.get('share_of_bound'), '{:.0%}')} | {row['prefill_tokens_per_s']:.0f} | "
-            f"{number(row.get('prefill_vs_dense_bf16'))} |"
+            f"{number(row.get('prefill_vs_dense_bf16'))} | "
+            + (
+                f"{row['linears_ms']:.1f}, {row['lm_head_ms']:.1f}, {row['rest_ms']:.1f} |"
+                if "linears_ms" in row
+                else " |"
+            )
         )
     memory = [row for row in results if "load_peak_bytes" in row]
     if memory:

@@ -94,6 +94,19 @@ def keep_freed_memory() -> bool:
     )
 
 
+def trim_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's malloc_trim): after a load whose
+    temporaries were freed between the tensors that stay, so that they do not count as resident. Returns
+    False (and does nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
+
+
 def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     name = ctypes.util.find_library("c")
     try:

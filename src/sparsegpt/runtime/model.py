@@ -20,6 +20,7 @@ from torch import nn
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
 from sparsegpt.formats.shards import read_header, read_tensor
+from sparsegpt.host import trim_freed_memory
 from sparsegpt.models import config_dtype, read_config
 from sparsegpt.runtime.linear import PackedWeight, Scratch, SparseLinear
 
@@ -55,6 +56,7 @@ def load_sparse(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
         log.warning("%s holds no pruned linear weights: the model runs densely", folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    trim_freed_memory()
     return model.eval()
 
 
