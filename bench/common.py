@@ -1,5 +1,5 @@
-"""What the benchmarks share: the peak memory of a process and of a child process, and the peer's environment
-(llmcompressor in a virtualenv of its own, bench/README.md).
+"""What the benchmarks share: the median time of a call, the peak memory of a process and of a child process,
+and the peer's environment (llmcompressor in a virtualenv of its own, bench/README.md).
 
 Standard library only: bench/peer_llmcompressor.py imports it inside the peer's virtualenv.
 """
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 PEER_ROOT = "/tmp/lcvenv"
@@ -63,3 +66,14 @@ def run_with_peak_rss(command: list[str]) -> tuple[str, int]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(command)}")
     return output, usage.ru_maxrss * 1024
+
+
+def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``call()`` over ``repeats`` calls, after one warm-up call."""
+    call()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)

@@ -21,6 +21,7 @@ They are pruned once with SparseGPT on a small calibration (16 × 256 tokens of 
 not depend on which weights are kept) into ``--work`` and reused by later runs.
 
     python bench/inference.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 3] [--json FILE]
+    python bench/inference.py --kernel-rates    # each encoding's product rate on one core, from cache
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import median_seconds
 from torch import nn
 
 import sparsegpt
@@ -110,19 +111,11 @@ def decode_parts(model: nn.Module, repeats: int = 9) -> dict[str, float]:
     inputs = {width: torch.randn(1, 1, width).to(model.dtype) for width in {module.in_features for module in linears}}
     head_input = torch.randn(1, 1, head.in_features).to(model.dtype)
 
-    def median_ms(call) -> float:
-        call()
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(seconds)
-
     with torch.no_grad():
         return {
-            "linears_ms": median_ms(lambda: [module(inputs[module.in_features]) for module in linears]),
-            "lm_head_ms": median_ms(lambda: head(head_input)),
+            "linears_ms": 1e3
+            * median_seconds(lambda: [module(inputs[module.in_features]) for module in linears], repeats),
+            "lm_head_ms": 1e3 * median_seconds(lambda: head(head_input), repeats),
         }
 
 
@@ -241,6 +234,54 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def kernel_rates(rows: int = 512, cols: int = 896, calls: int = 500) -> list[dict]:
+    """Each encoding's product rate on one core from cache (a 512 × 896 weight, one token, bf16 inputs),
+    for every instruction set the kernels have here: what the arithmetic allows, apart from memory."""
+    from sparsegpt.formats.compact import QuantSpec, encode_tensor, read_stored
+    from sparsegpt.runtime import kernels
+    from sparsegpt.runtime.linear import PackedWeight
+    from sparsegpt.solver.quant import QuantGrid, dequantize_groups
+
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(sparsity: float, pattern: bool, bits: int | None) -> tuple[torch.Tensor, QuantSpec | None]:
+        if pattern:
+            drop = torch.zeros(rows, cols // 4, 4, dtype=torch.bool)
+            drop.scatter_(2, torch.rand(rows, cols // 4, 4, generator=generator).argsort(dim=2)[:, :, :2], True)
+            drop = drop.view(rows, cols)
+        else:
+            drop = torch.rand(rows, cols, generator=generator) < sparsity
+        if bits is None:
+            return torch.randn(rows, cols, generator=generator).bfloat16().masked_fill(drop, 0), None
+        grid = QuantGrid(bits, 128, False)
+        scales = (torch.rand(rows, grid.groups(cols), generator=generator) * 0.1 + 0.01).half()
+        zeros = torch.randint(0, 2**bits, scales.shape, generator=generator).to(torch.uint8)
+        codes = torch.randint(0, 2**bits, (rows, cols), generator=generator).to(torch.uint8)
+        codes[drop] = zeros.repeat_interleave(128, dim=1)[:, :cols][drop]
+        return dequantize_groups(codes, scales, zeros, 128).bfloat16(), QuantSpec(grid, scales, zeros)
+
+    cases = {
+        "50% bf16": weight(0.5, False, None),
+        "2:4 bf16": weight(0.5, True, None),
+        "50% + 4-bit g128": weight(0.5, False, 4),
+        "2:4 + 4-bit g128": weight(0.5, True, 4),
+        "dense 4-bit g128": weight(0.0, False, 4),
+    }
+    inputs = torch.randn(1, cols, generator=generator).bfloat16()
+    results = []
+    for name, (matrix, spec) in cases.items():
+        entry, parts = encode_tensor("w", matrix, spec)
+        packed = PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__))
+        for isa in kernels.available_isas():
+            seconds = median_seconds(
+                lambda packed=packed, isa=isa: [packed.matvec(inputs, isa=isa, threads=1) for _ in range(calls)], 3
+            )
+            results.append(
+                {"format": name, "isa": kernels.ISA_NAMES[isa], "gweights_per_s": rows * cols * calls / seconds / 1e9}
+            )
+    return results
+
+
 def table(results: list[dict]) -> str:
     def number(value, form="{:.2f}"):
         return "" if value is None else form.format(value)
@@ -290,7 +331,17 @@ def main() -> None:
     parser.add_argument("--llama-python", default="/tmp/llamavenv/bin/python", help=f"or none; made by: {LLAMA_VENV}")
     parser.add_argument("--skip-memory", action="store_true", help="no child process measuring memory")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--kernel-rates", action="store_true", help="only each encoding's rate on one core from cache (seconds)"
+    )
     args = parser.parse_args()
+    if args.kernel_rates:
+        rates = kernel_rates()
+        print(json.dumps(rates, indent=1))
+        print("| format | instruction set | G weights/s, one core, from cache |\n|---|---|---|")
+        for rate in rates:
+            print(f"| {rate['format']} | {rate['isa']} | {rate['gweights_per_s']:.2f} |")
+        return
     args.formats = [name.strip() for name in args.formats.split(",")]
     torch.set_num_threads(args.threads)
     results = []

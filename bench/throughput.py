@@ -23,28 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import median_seconds
 
 from sparsegpt.solver.gram import _syrk, add_block_triangle, add_product
 from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
 
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
-
-
-def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
-    """Median wall time of ``call()`` over ``repeats`` calls, after one warm-up call."""
-    call()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
 
 
 def gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 5) -> float:
