@@ -242,7 +242,10 @@ AVX512 static inline void enter_group(const Matrix *w, int64_t row, int64_t j, G
 AVX512 static inline __m512i placed_weights16(const Matrix *w, int64_t k, uint32_t bits, int count,
                                               const Group512 *group) {
     __m512i codes = packed_codes(w, k, count);
-    if (w->bits == 4) return _mm512_maskz_expand_epi16((__mmask32)bits, _mm512_permutexvar_epi16(codes, group->table));
+    if (w->bits == 4) { /* without a mask the codes are in column order already */
+        __m512i weights = _mm512_permutexvar_epi16(codes, group->table);
+        return w->mask ? _mm512_maskz_expand_epi16((__mmask32)bits, weights) : weights;
+    }
     __m512i placed = _mm512_maskz_expand_epi16((__mmask32)bits, codes);
     __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(placed)));
     __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(placed, 1)));
@@ -311,7 +314,7 @@ AVX512 static inline __attribute__((always_inline)) void row_avx512(const Matrix
     __m512 sums[4][2];
     for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
     int64_t k = w->offsets[row];
-    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
+    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_si512(), 0};
     for (int64_t j = 0; j < w->cols / 32; j++) {
         __m512 low, high;
         slice512(w, row, j, &k, &group, &low, &high);
@@ -366,7 +369,7 @@ AVX512BF16 static inline __attribute__((always_inline)) void row_bf16(const Matr
     __m512 sums[4][2];
     for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
     int64_t k = w->offsets[row], slices = w->cols / 32, j = 0;
-    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
+    Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_si512(), 0};
     for (; j + 1 < slices; j += 2) { /* two slices, two sums per vector: the dot products' latency hidden */
         __m512bh even = slice_bf16(w, row, j, &k, &group), odd = slice_bf16(w, row, j + 1, &k, &group);
         for (int v = 0; v < count; v++) {
@@ -401,10 +404,27 @@ AVX512BF16 static void matvec_rows_bf16(const Matrix *w, int64_t first, int64_t 
 AVX512 static void densify_rows_avx512(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
                                        void *out) {
     int64_t slices = w->cols / 32;
+    /* weights already of the output's 16-bit kind are stored as they are placed, without a float32 detour */
+    int native16 = out_kind != KIND_FLOAT32 &&
+                   (w->kind == out_kind || (w->kind == KIND_CODES && w->round == out_kind));
     for (int64_t row = first; row < last; row++) {
         int64_t k = w->offsets[row], base = (row - start) * w->cols;
-        Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), 0};
+        Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_si512(), 0};
         for (int64_t j = 0; j < slices; j++) {
+            if (native16) {
+                uint32_t bits = slice_bits(w, row, j);
+                int count = __builtin_popcount(bits);
+                __m512i placed;
+                if (w->kind == KIND_CODES) {
+                    enter_group(w, row, j, &group);
+                    placed = placed_weights16(w, k, bits, count, &group);
+                } else {
+                    placed = placed16((const uint16_t *)w->values + k, bits, count);
+                }
+                k += count;
+                _mm512_storeu_si512((uint16_t *)out + base + 32 * j, placed);
+                continue;
+            }
             __m512 low, high;
             slice512(w, row, j, &k, &group, &low, &high);
             if (out_kind == KIND_FLOAT32) {
