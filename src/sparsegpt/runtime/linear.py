@@ -25,7 +25,7 @@ from sparsegpt.runtime import kernels
 from sparsegpt.solver.quant import dequantize_groups
 
 DECODE_TOKENS = 8
-"""Up to this many tokens in one call go through the sparse product; more go through dense tiles."""
+"""Up to this many tokens in one call go through the sparse product; more through a decoded dense copy."""
 
 
 @dataclass(eq=False)
@@ -65,6 +65,10 @@ class PackedWeight:
         rows, cols, name = stored.rows, stored.cols, stored.name
         if stored.encoding not in ("bitmask", "nm", "full"):
             raise SparseGPTError(f"{name}: a {stored.encoding} tensor is not sparse")
+        if stored.dtype not in kernels.KINDS:
+            raise SparseGPTError(
+                f"{name}: the sparse runtime holds float32, bfloat16 or float16 weights, not {stored.dtype}"
+            )
         mask = stored.mask
         if stored.encoding == "nm":
             mask = _nm_mask(stored)

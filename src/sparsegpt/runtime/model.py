@@ -22,6 +22,7 @@ from sparsegpt.formats import compact
 from sparsegpt.formats.shards import read_header, read_tensor
 from sparsegpt.host import trim_freed_memory
 from sparsegpt.models import config_dtype, read_config
+from sparsegpt.runtime.kernels import KINDS
 from sparsegpt.runtime.linear import PackedWeight, Scratch, SparseLinear
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,14 @@ def _load_entry(
     linear = (isinstance(owner, nn.Linear) and not stored.transposed) or (
         isinstance(owner, Conv1D) and stored.transposed
     )
-    if attribute == "weight" and linear and stored.encoding in SPARSE_ENCODINGS:
+    if attribute == "weight" and linear and stored.encoding in SPARSE_ENCODINGS and stored.dtype in KINDS:
         packed = PackedWeight.from_stored(stored)
+        if (packed.rows, packed.cols) != (owner.weight.shape[0], owner.weight.shape[1])[
+            :: -1 if stored.transposed else 1
+        ]:
+            raise SparseGPTError(
+                f"{name}: shape {list(stored.shape)} does not match the model's {list(owner.weight.shape)}"
+            )
         parent_name, _, child = owner_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, SparseLinear(packed, getattr(owner, "bias", None), scratch))
@@ -124,7 +131,7 @@ def _load_entry(
     if stored.encoding == "plain":
         assert stored.values is not None
         tensor = stored.values
-    else:  # a sparse tensor the runtime has no module for (an expert bank): dense
+    else:  # a sparse tensor the runtime has no module for (an expert bank, a float64 weight): dense
         tensor = compact.decode_tensor(name, entry, read)
     if tensor.is_floating_point():
         tensor = tensor.to(dtype)
@@ -136,7 +143,7 @@ def _load_entry(
             )
         # requires_grad as transformers leaves it: with False, torch multiplies a bf16 lm_head by a sliced
         # input through a path that copies the whole weight first (measured: 0.56 s against 0.02 s)
-        owner._parameters[attribute] = nn.Parameter(tensor)
+        owner._parameters[attribute] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
     elif attribute in owner._buffers:
         owner._buffers[attribute] = tensor
     else:
