@@ -81,6 +81,8 @@ CASES = {
     "q8-g32-fp16": lambda: quantized(16, 96, torch.float16, 8, 32),
     "q3-row-bf16": lambda: quantized(32, 192, torch.bfloat16, 3, None),
     "q4-g64-2:4-fp32": lambda: quantized(40, 128, torch.float32, 4, 64, pattern=(2, 4)),
+    "q4-g64-2:4-bf16": lambda: quantized(40, 192, torch.bfloat16, 4, 64, pattern=(2, 4)),
+    "q4-g128-90%-bf16": lambda: quantized(24, 384, torch.bfloat16, 4, 128, sparsity=0.9),
     "q4-dense-bf16": lambda: quantized(64, 256, torch.bfloat16, 4, 128, sparsity=0.0),
     "q4-70%-fp16": lambda: quantized(33, 160, torch.float16, 4, 32, sparsity=0.7),
 }
