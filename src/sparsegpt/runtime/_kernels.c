@@ -13,9 +13,11 @@
  *   sgpt_matvec   y = x·Ŵᵀ for a few vectors x (decoding tokens), accumulated in float32;
  *   sgpt_densify  a band of rows of Ŵ written densely (a scratch tile for products with many vectors).
  * AVX-512 (F, BW, VL, VBMI2): 32 columns at a time, a 32-bit slice of the mask placing the next kept
- * values with one expand instruction (the approach of SparAMX, arXiv 2502.12444). AVX2 (with FMA and
- * F16C): 8 columns at a time from a table of in-register permutations, stored values only. Rows are split
- * over `threads` OpenMP threads. Called through ctypes, which releases the GIL. */
+ * values with one expand instruction (the approach of SparAMX, arXiv 2502.12444); with AVX512_BF16, bf16
+ * inputs meet bf16 weights in its dot product, and 4-bit codes go 64 columns at a time in byte lanes
+ * (VBMI). AVX2 (with FMA and F16C): 8 columns at a time from a table of in-register permutations, stored
+ * values only. Rows are split over `threads` OpenMP threads. Called through ctypes, which releases the
+ * GIL. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
