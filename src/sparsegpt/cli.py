@@ -322,9 +322,9 @@ def _run(args: argparse.Namespace) -> int | None:
                 args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
             )
         else:
-            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
             if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
                 raise SparseGPTError("--runtime sparse runs on the CPU")
+            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
             model = model.to(resolve_device(args.device))
             name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
         if args.json:
