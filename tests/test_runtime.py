@@ -17,6 +17,7 @@ from sparsegpt.formats.compact import (
     encode_tensor,
     matrix_view,
     pack_folder,
+    read_manifest,
     read_stored,
     write_quant_sidecar,
 )
@@ -134,6 +135,23 @@ def test_the_torch_reference_decodes_bit_for_bit(name):
     assert torch.equal(packed.dense(), matrix)
 
 
+@pytest.mark.parametrize("name", ["bitmask-bf16", "2:4-bf16", "4:8-fp32", "q4-g128-ragged-bf16", "q4-dense-bf16"])
+def test_without_the_native_kernels_the_torch_path_computes_the_same(name, monkeypatch):
+    weight, quant = CASES[name]()
+    entry, parts = encode_tensor("w", weight, quant)
+    native = PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__))
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    fallback = PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__))
+    assert torch.equal(fallback.offsets, native.offsets)
+    assert native.mask is None or torch.equal(fallback.mask, native.mask)
+    inputs = torch.randn(3, native.cols)
+    matrix = native.dense()
+    assert (
+        (fallback.matvec(inputs).double() - inputs.double() @ matrix.double().T).abs() <= rounding_bound(inputs, matrix)
+    ).all()
+    assert torch.equal(fallback.densify(1, native.rows, torch.float32), matrix[1:].float())
+
+
 def test_transposed_conv1d_and_expert_bank_weights():
     # GPT-2's Conv1D stores (in, out) and is quantized along `in`: the matrix is the transpose
     matrix, spec = quantized(48, 64, torch.float32, 4, 32)
@@ -236,13 +254,16 @@ def test_a_sparse_model_computes_what_its_decoded_model_does(folders, name, whic
             for tensor in (module.weight_packed.values, module.weight_packed.codes)
             if tensor is not None
         )
-    assert not any(
-        isinstance(module, torch.nn.Linear) and "layers.0.self_attn" in path for path, module in sparse.named_modules()
-    )
+    stored_sparse = {
+        key.removesuffix(".weight")
+        for key, entry in read_manifest(packed)["tensors"].items()
+        if key.endswith(".weight") and len(entry["shape"]) == 2 and entry["encoding"] != "plain"
+    }
+    assert {path for path, _ in modules} == stored_sparse  # every pruned linear, and nothing else
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     dtype = next(dense.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    for length in (24, 4):  # many tokens (dense tiles), few (the sparse product)
+    for length in (24, 4):  # many tokens (a decoded copy), few (the sparse product)
         expected, got = logits(dense, ids[:, :length]), logits(sparse, ids[:, :length])
         assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), length
 

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,22 +99,25 @@ def trim_freed_memory() -> bool:
     """Hand the heap's free pages back to the system now (glibc's malloc_trim): after a load whose
     temporaries were freed between the tensors that stay, so that they do not count as resident. Returns
     False (and does nothing) where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     return bool(trim(0))
 
 
-def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str) -> Any:
+    """A function of the C library, or None where it has none by that name (not glibc)."""
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        log.debug("no mallopt in the C library; allocator left as it is")
+        log.debug("no %s in the C library; allocator left as it is", name)
+        return None
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(option, value) == 1 for option, value in settings)

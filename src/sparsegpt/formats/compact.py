@@ -421,8 +421,20 @@ def decode_tensor(
     its AVX-512 loops where the processor has them and ``vector`` allows them; ``native=False`` forces the
     numpy/torch reader. All give the same bits.
     """
-    stored = read_stored(name, entry, read)
-    shape, dtype, encoding, transposed = stored.shape, stored.dtype, stored.encoding, stored.transposed
+    return decode_stored(read_stored(name, entry, read), out, native, vector)
+
+
+def decode_stored(
+    stored: StoredTensor, out: torch.Tensor | None = None, native: bool = True, vector: bool = True
+) -> torch.Tensor:
+    """``decode_tensor`` for parts already read and checked (``read_stored``)."""
+    name, shape, dtype, encoding, transposed = (
+        stored.name,
+        stored.shape,
+        stored.dtype,
+        stored.encoding,
+        stored.transposed,
+    )
     if out is not None and tuple(out.shape) != shape:
         raise SparseGPTError(f"{name}: shape {list(shape)} does not match the model's {list(out.shape)}")
     if encoding == "plain":
@@ -446,7 +458,7 @@ def decode_tensor(
             grid.bits if grid else 0, _pointer(scales), _pointer(zeros), grid.group(cols) if grid else 0,
             grid.groups(cols) if grid else 0, _OUT_KINDS.get(dtype, 0), vector, target.data_ptr(),
         )  # fmt: skip
-        if marked == _POSITIONS_ERROR:
+        if marked == POSITIONS_ERROR:
             raise SparseGPTError(f"{name}: in-group positions are out of range or not strictly increasing")
         if marked < 0:
             raise SparseGPTError(f"{name}: the native decoder refused this entry (code {marked})")
@@ -454,22 +466,33 @@ def decode_tensor(
             raise SparseGPTError(f"{name}: the mask marks {marked} kept weights, the entry says {kept_count}")
         matrix = target
     else:
-        layout = stored.layout()
-        if grid is None:
-            matrix = layout.scatter(values, target)
-        else:
-            # Dequantize densely (a few cheap passes over the whole matrix beat per-entry scale lookups):
-            # pruned entries hold their group's zero point, so they come out as (z − z)·s = +0.0, as stored.
-            group = grid.group(cols)
-            dense_codes = torch.empty(rows, cols, dtype=torch.uint8)
-            for view, which in group_views(dense_codes, group):
-                view.copy_(zeros[:, which, None].expand_as(view))
-            layout.place(unpack_bits(codes, grid.bits, kept_count), dense_codes)
-            matrix = target.copy_(dequantize_groups(dense_codes, scales, zeros, group))
+        quantized = None if grid is None else (codes, grid.bits, scales, zeros, grid.group(cols))
+        matrix = scatter_kept(stored.layout(), target, values, quantized)
     if direct:
         return out
     tensor = matrix.T.contiguous() if transposed else matrix.reshape(shape)
     return out.copy_(tensor) if out is not None else tensor
+
+
+def scatter_kept(
+    layout: Layout,
+    target: torch.Tensor,
+    values: torch.Tensor | None = None,
+    quantized: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """The (rows, cols) matrix ``target`` (contiguous, of the weight's dtype) holding the kept entries of
+    ``layout``, zeros elsewhere: the stored ``values``, or the ``quantized`` (codes stream, bits, scales,
+    zeros, group) dequantized. The numpy/torch reader, which the native kernels are checked against."""
+    if quantized is None:
+        return layout.scatter(values, target)
+    codes, bits, scales, zeros, group = quantized
+    # Dequantize densely (a few cheap passes over the whole matrix beat per-entry scale lookups): pruned
+    # entries hold their group's zero point, so they come out as (z − z)·s = +0.0, as stored.
+    dense_codes = torch.empty(layout.rows, layout.cols, dtype=torch.uint8)
+    for view, which in group_views(dense_codes, group):
+        view.copy_(zeros[:, which, None].expand_as(view))
+    layout.place(unpack_bits(codes, bits, layout.count), dense_codes)
+    return target.copy_(dequantize_groups(dense_codes, scales, zeros, group))
 
 
 def _python_layout(
@@ -500,7 +523,8 @@ def _python_layout(
 
 _LAYOUTS = {"full": 0, "bitmask": 1, "nm": 2}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_POSITIONS_ERROR = -1
+POSITIONS_ERROR = -1
+"""What the native kernels return for invalid N:M positions (ERROR_POSITIONS in _encoding.h)."""
 
 
 @functools.cache
@@ -692,10 +716,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-@contextmanager
-def opened_entries(
+def manifest_entries(
     folder: Path, manifest: dict[str, Any]
-) -> Iterator[list[tuple[str, dict[str, Any], Callable[[str], torch.Tensor]]]]:
+) -> list[tuple[str, dict[str, Any], Callable[[str], torch.Tensor]]]:
     """(name, entry, read) for every tensor of a compact folder; ``read(key)`` returns a part checked
     against its CRC (from any thread). Parts are read with plain file reads into fresh memory, not mapped:
     a mapped file counts as resident memory for as long as it is mapped."""
@@ -709,7 +732,7 @@ def opened_entries(
                 raise SparseGPTError(f"{folder}: file {file_name} named in the manifest is missing")
             headers[file_name] = (path, *read_header(path))
         entries.append((name, entry, _checked_reader(*headers[file_name], file_name, name, entry)))
-    yield entries
+    return entries
 
 
 def _checked_reader(
@@ -736,14 +759,12 @@ def unpack_into(source: Path, target: Path) -> None:
     manifest = read_manifest(source)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     specs: dict[str, QuantSpec] = {}
-    with opened_entries(source, manifest) as entries:
-        for name, entry, read in entries:
-            tensors.setdefault(entry["file"], {})[name] = decode_tensor(name, entry, read)
-            grid = _entry_grid(entry)
-            if grid is not None:
-                specs[name] = QuantSpec(
-                    grid, read(f"{name}::scales"), read(f"{name}::zeros"), bool(entry["transposed"])
-                )
+    for name, entry, read in manifest_entries(source, manifest):
+        stored = read_stored(name, entry, read)
+        tensors.setdefault(entry["file"], {})[name] = decode_stored(stored)
+        if stored.grid is not None:
+            assert stored.scales is not None and stored.zeros is not None
+            specs[name] = QuantSpec(stored.grid, stored.scales, stored.zeros, stored.transposed)
     for file_info in manifest["files"]:
         save_file(tensors.get(file_info["name"], {}), str(target / file_info["source"]), metadata=file_info["metadata"])
     if "index" in manifest:
@@ -801,9 +822,9 @@ def _decode_all(
     # single-threaded. OpenMP's thread count is per thread, so each worker sets its own; otherwise every
     # worker would run a team of its own and they would fight over the cores.
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
-    with opened_entries(folder, manifest) as entries, pool:
+    with pool:
         jobs = []
-        for name, entry, read in entries:
+        for name, entry, read in manifest_entries(folder, manifest):
             if name not in state:
                 raise SparseGPTError(f"{name}: the compact folder holds a tensor the model does not have")
             jobs.append(pool.submit(_decode_into, name, entry, read, state[name]))

@@ -331,19 +331,22 @@ AVX512 static inline __attribute__((always_inline)) void row_avx512(const Matrix
     for (int v = 0; v < count; v++) y[v * w->rows + row] = _mm512_reduce_add_ps(_mm512_add_ps(sums[v][0], sums[v][1]));
 }
 
+/* Rows [first, last) of the weight against n vectors, four at a time: `row_function(w, row, x, y, count)`
+ * gets count as a constant 1-4, so that once inlined its sums stay in registers. */
+#define ROWS_BY_FOUR_VECTORS(row_function, w, first, last, n, x, y)                                           \
+    for (int64_t row_ = (first); row_ < (last); row_++)                                                      \
+        for (int64_t v_ = 0; v_ < (n); v_ += 4) {                                                            \
+            switch ((n) - v_ < 4 ? (n) - v_ : 4) {                                                           \
+            case 1: row_function((w), row_, (x) + v_ * (w)->cols, (y) + v_ * (w)->rows, 1); break;            \
+            case 2: row_function((w), row_, (x) + v_ * (w)->cols, (y) + v_ * (w)->rows, 2); break;            \
+            case 3: row_function((w), row_, (x) + v_ * (w)->cols, (y) + v_ * (w)->rows, 3); break;            \
+            default: row_function((w), row_, (x) + v_ * (w)->cols, (y) + v_ * (w)->rows, 4);                  \
+            }                                                                                                \
+        }
+
 AVX512 static void matvec_rows_avx512(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x,
                                       float *y) {
-    for (int64_t row = first; row < last; row++)
-        for (int64_t v = 0; v < n; v += 4) {
-            const float *input = x + v * w->cols;
-            float *output = y + v * w->rows;
-            switch (n - v < 4 ? n - v : 4) {
-            case 1: row_avx512(w, row, input, output, 1); break;
-            case 2: row_avx512(w, row, input, output, 2); break;
-            case 3: row_avx512(w, row, input, output, 3); break;
-            default: row_avx512(w, row, input, output, 4);
-            }
-        }
+    ROWS_BY_FOUR_VECTORS(row_avx512, w, first, last, n, x, y);
 }
 
 /* bfloat16 inputs against weights that are bfloat16 (stored, or codes rounded to it): AVX512_BF16's dot
@@ -462,26 +465,11 @@ AVX512BF16 static inline __attribute__((always_inline)) void row_codes64(const M
 
 AVX512BF16 static void matvec_rows_bf16(const Matrix *w, int64_t first, int64_t last, int64_t n, const uint16_t *x,
                                         float *y) {
-    for (int64_t row = first; row < last; row++)
-        for (int64_t v = 0; v < n; v += 4) {
-            const uint16_t *input = x + v * w->cols;
-            float *output = y + v * w->rows;
-            if (codes64_covers(w)) { /* x is then in the permuted order */
-                switch (n - v < 4 ? n - v : 4) {
-                case 1: row_codes64(w, row, input, output, 1); break;
-                case 2: row_codes64(w, row, input, output, 2); break;
-                case 3: row_codes64(w, row, input, output, 3); break;
-                default: row_codes64(w, row, input, output, 4);
-                }
-                continue;
-            }
-            switch (n - v < 4 ? n - v : 4) {
-            case 1: row_bf16(w, row, input, output, 1); break;
-            case 2: row_bf16(w, row, input, output, 2); break;
-            case 3: row_bf16(w, row, input, output, 3); break;
-            default: row_bf16(w, row, input, output, 4);
-            }
-        }
+    if (codes64_covers(w)) { /* x is then in the permuted order */
+        ROWS_BY_FOUR_VECTORS(row_codes64, w, first, last, n, x, y);
+    } else {
+        ROWS_BY_FOUR_VECTORS(row_bf16, w, first, last, n, x, y);
+    }
 }
 
 AVX512 static void densify_rows_avx512(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
@@ -570,32 +558,41 @@ AVX2 static inline __m256 slice256(const Matrix *w, int64_t row, int64_t j, int6
 /* Whether a row's 8-value reads stay inside the stored values (the last rows may not). */
 static inline int avx2_row_fits(const Matrix *w, int64_t row) { return w->offsets[row + 1] + 8 <= w->kept; }
 
-AVX2 static void matvec_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x, float *y) {
-    int64_t slices = w->cols / 8;
-    for (int64_t row = first; row < last; row++) {
-        if (!avx2_row_fits(w, row)) {
-            matvec_rows_portable(w, row, row + 1, n, x, y);
-            continue;
-        }
-        for (int64_t v0 = 0; v0 < n; v0 += 4) {
-            int64_t count = n - v0 < 4 ? n - v0 : 4;
-            __m256 sums[4][2];
-            for (int v = 0; v < 4; v++) sums[v][0] = sums[v][1] = _mm256_setzero_ps();
-            int64_t k = w->offsets[row];
-            for (int64_t j = 0; j < slices; j++) {
-                __m256 weights = slice256(w, row, j, &k);
-                for (int v = 0; v < count; v++)
-                    sums[v][j & 1] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + (v0 + v) * w->cols + 8 * j), sums[v][j & 1]);
-            }
-            for (int v = 0; v < count; v++) {
-                __m256 sum = _mm256_add_ps(sums[v][0], sums[v][1]);
-                __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-                half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-                half = _mm_add_ss(half, _mm_movehdup_ps(half));
-                y[(v0 + v) * w->rows + row] = _mm_cvtss_f32(half);
-            }
+/* One row against `count` float32 vectors (a constant once inlined, as row_avx512); rows whose 8-value
+ * reads would pass the stored values take the portable loop. */
+AVX2 static inline __attribute__((always_inline)) void row_avx2(const Matrix *w, int64_t row, const float *x, float *y,
+                                                                const int count) {
+    if (!avx2_row_fits(w, row)) {
+        matvec_rows_portable(w, row, row + 1, count, x, y);
+        return;
+    }
+    __m256 sums[4][2];
+    for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm256_setzero_ps();
+    int64_t k = w->offsets[row], slices = w->cols / 8, j = 0;
+    for (; j + 1 < slices; j += 2) { /* two slices, two sums per vector */
+        __m256 even = slice256(w, row, j, &k), odd = slice256(w, row, j + 1, &k);
+        for (int v = 0; v < count; v++) {
+            const float *input = x + v * w->cols + 8 * j;
+            sums[v][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(input), sums[v][0]);
+            sums[v][1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(input + 8), sums[v][1]);
         }
     }
+    if (j < slices) {
+        __m256 last = slice256(w, row, j, &k);
+        for (int v = 0; v < count; v++)
+            sums[v][0] = _mm256_fmadd_ps(last, _mm256_loadu_ps(x + v * w->cols + 8 * j), sums[v][0]);
+    }
+    for (int v = 0; v < count; v++) {
+        __m256 sum = _mm256_add_ps(sums[v][0], sums[v][1]);
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_add_ss(half, _mm_movehdup_ps(half));
+        y[v * w->rows + row] = _mm_cvtss_f32(half);
+    }
+}
+
+AVX2 static void matvec_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x, float *y) {
+    ROWS_BY_FOUR_VECTORS(row_avx2, w, first, last, n, x, y);
 }
 
 AVX2 static void densify_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,

@@ -13,7 +13,6 @@ PORTABLE, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 ISA_NAMES = {PORTABLE: "portable", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODES = 3
-POSITIONS_ERROR = -1
 MAX_VECTORS = 64
 """The most vectors one ``matvec`` call takes (sgpt_matvec's MAX_VECTORS)."""
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.formats.compact import StoredTensor, unpack_mask
+from sparsegpt.formats.compact import POSITIONS_ERROR, Layout, StoredTensor, pack_bits, scatter_kept, unpack_mask
 from sparsegpt.runtime import kernels
-from sparsegpt.solver.quant import dequantize_groups
 
 DECODE_TOKENS = 8
 """Up to this many tokens in one call go through the sparse product; more through a decoded dense copy."""
@@ -150,22 +148,12 @@ class PackedWeight:
         return out
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ŵ decoded with torch alone (rows, cols): the reference the kernels are checked against, and the
-        fallback where they are not built."""
-        if self.mask is None:
-            kept = torch.ones(self.rows, self.cols, dtype=torch.bool)
-        else:
-            kept = unpack_mask(self.mask, self.rows * self.cols).view(self.rows, self.cols)
-        matrix = torch.zeros(self.rows, self.cols, dtype=self.dtype)
-        if self.values is not None:
-            matrix[kept] = self.values
-        else:
-            assert self.codes is not None and self.scales is not None and self.zeros is not None
-            from sparsegpt.formats.compact import unpack_bits
-
-            codes = self.zeros.repeat_interleave(self.group, dim=1)[:, : self.cols].clone()
-            codes[kept] = unpack_bits(self.codes, self.bits, int(self.offsets[-1]))
-            matrix = dequantize_groups(codes, self.scales, self.zeros, self.group).to(self.dtype)
+        """Ŵ decoded with torch alone (rows, cols), by the compact reader's own numpy/torch path: the
+        reference the kernels are checked against, and the fallback where they are not built."""
+        mask = None if self.mask is None else unpack_mask(self.mask, self.rows * self.cols).view(self.rows, self.cols)
+        quantized = None if self.codes is None else (self.codes, self.bits, self.scales, self.zeros, self.group)
+        target = torch.empty(self.rows, self.cols, dtype=self.dtype)
+        matrix = scatter_kept(Layout(self.rows, self.cols, mask=mask), target, self.values, quantized)
         return matrix if dtype is None else matrix.to(dtype)
 
 
@@ -194,7 +182,7 @@ def _nm_mask(stored: StoredTensor) -> torch.Tensor:
         status = native.sgpt_nm_mask(
             positions.data_ptr(), positions.numel(), stored.rows, stored.cols, m, m - n, mask.data_ptr()
         )
-        if status == kernels.POSITIONS_ERROR:
+        if status == POSITIONS_ERROR:
             raise SparseGPTError(f"{stored.name}: in-group positions are out of range or not strictly increasing")
         if status:
             raise SparseGPTError(f"{stored.name}: the sparse kernel refused its N:M pattern (code {status})")
@@ -203,7 +191,7 @@ def _nm_mask(stored: StoredTensor) -> torch.Tensor:
     assert layout.positions is not None
     groups = torch.zeros(stored.rows, stored.cols // layout.m, layout.m, dtype=torch.bool)
     groups.scatter_(2, layout.positions.long(), True)
-    return torch.from_numpy(np.packbits(groups.numpy().reshape(-1), bitorder="little"))
+    return pack_bits(groups.reshape(-1), 1)
 
 
 class Scratch:
@@ -227,9 +215,9 @@ class SparseLinear(nn.Module):
     float32 and the result has the input's dtype, as a dense layer's would.
 
     Up to ``DECODE_TOKENS`` tokens are multiplied straight from the encoding. More are multiplied densely
-    by torch, after decoding Ŵ into ``scratch`` (shared by a model's sparse modules): decoding costs about
-    a tenth of a 512-token product and the dense product is the fastest torch has (tiles of rows measured
-    slower here, from the extra copies and smaller products)."""
+    by torch, after decoding Ŵ into ``scratch`` (shared by a model's sparse modules), in one product: the
+    decoding is paid once per layer however many tokens share it (docs/RESULTS.md, "Sparse inference",
+    has the prefill figures)."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, scratch: Scratch | None = None) -> None:
         super().__init__()
