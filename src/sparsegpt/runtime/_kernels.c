@@ -417,48 +417,71 @@ static void permute_inputs64(const uint16_t *x, int64_t n, int64_t cols, uint16_
                 }
 }
 
+/* The bfloat16 weights a group's 16 codes stand for, in 16-bit lanes 0-15: (c − z)·s = c·s − z·s is exact
+ * in float32 (a float16 scale times an integer below 2^8), and VCVTNEPS2BF16 rounds it to nearest even, as
+ * the reader does. `scale` and `offset` (z·s) are read as broadcasts from memory: no shuffles (a
+ * table is built for every 128 or so columns of every row, so its cost weighs like the products'). */
+AVX512BF16 static inline __m512i group_table_bf16(const float *scale, const float *offset) {
+    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 weights = _mm512_fmsub_ps(codes, _mm512_set1_ps(*scale), _mm512_set1_ps(*offset));
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(weights)); /* lanes 16-31 are never indexed */
+}
+
+/* A row's scales and offsets (z·s) of groups [first, first + count) as float32, count <= 16. */
+AVX512BF16 static inline void group_floats(const Matrix *w, int64_t row, int64_t first, int count, float *scale,
+                                           float *offset) {
+    __mmask16 lanes = (__mmask16)((1u << count) - 1);
+    int64_t g = row * w->ngroups + first;
+    __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, w->scales + g));
+    __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, w->zeros + g)));
+    _mm512_storeu_ps(scale, s);
+    _mm512_storeu_ps(offset, _mm512_mul_ps(z, s));
+}
+
 AVX512BF16 static inline __attribute__((always_inline)) void row_codes64(const Matrix *w, int64_t row,
                                                                          const uint16_t *x, float *y,
                                                                          const int count) {
     /* output byte b of qword q holds nibble 8q + b (+1 when the codes start odd): its qword gathers
-     * source bytes 4q..4q+7, and a multishift picks 4·(b + odd) bits in */
+     * source bytes 4q..4q+7, and a multishift takes the 8 bits from 4·(b + odd) − 1 on, so that the code
+     * lands doubled, as the byte index of its weight's low byte in the group's table (the shifts for an
+     * odd start are loaded, not broadcast: a broadcast from a general register costs two shuffles) */
     const __m512i spread = _mm512_set_epi8(35, 34, 33, 32, 31, 30, 29, 28, 31, 30, 29, 28, 27, 26, 25, 24, 27, 26, 25,
                                            24, 23, 22, 21, 20, 23, 22, 21, 20, 19, 18, 17, 16, 19, 18, 17, 16, 15, 14,
                                            13, 12, 15, 14, 13, 12, 11, 10, 9, 8, 11, 10, 9, 8, 7, 6, 5, 4, 7, 6, 5, 4, 3,
                                            2, 1, 0);
-    const __m512i shifts = _mm512_set1_epi64(0x1c1814100c080400ll);
+    const __m512i even = _mm512_set1_epi64(0x1b17130f0b0703ffll);
+    const __m512i shifts[2] = {even, _mm512_add_epi8(even, _mm512_set1_epi8(4))};
     __m512 sums[4][2];
     for (int v = 0; v < count; v++) sums[v][0] = sums[v][1] = _mm512_setzero_ps();
     int64_t k = w->offsets[row];
-    __m512i low_table = _mm512_setzero_si512(), high_table = _mm512_setzero_si512();
-    int64_t group_end = 0;
-    for (int64_t chunk = 0; chunk < w->cols; chunk += 64) {
-        if (chunk >= group_end) {
-            Group512 group = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_si512(), 0};
-            enter_group(w, row, chunk / 32, &group);
-            __m256i table = _mm512_castsi512_si256(group.table);
-            low_table = _mm512_castsi128_si512(_mm256_cvtepi16_epi8(table));
-            high_table = _mm512_castsi128_si512(_mm256_cvtepi16_epi8(_mm256_srli_epi16(table, 8)));
-            group_end = group.end;
+    float scale[16], offset[16];
+    for (int64_t g = 0; g < w->ngroups; g++) {
+        if ((g & 15) == 0) group_floats(w, row, g, w->ngroups - g < 16 ? (int)(w->ngroups - g) : 16, scale, offset);
+        __m512i table = group_table_bf16(scale + (g & 15), offset + (g & 15));
+        int64_t chunk = g * w->group, chunks = ((g + 1) * w->group < w->cols ? w->group : w->cols - chunk) / 64;
+        for (int64_t c = 0; c < chunks; c++, chunk += 64) {
+            uint64_t bits = ~0ull;
+            if (w->mask) memcpy(&bits, w->mask + (row * w->cols + chunk) / 8, sizeof bits);
+            int kept = __builtin_popcountll(bits), odd = (int)(k & 1), bytes = (odd + kept + 1) / 2;
+            const uint8_t *codes = w->codes + k / 2;
+            _mm_prefetch((const char *)(codes + PREFETCH_VALUES / 2), _MM_HINT_T0);
+            /* a whole register where the codes run on for 64 bytes more (all but a row's last chunks) */
+            __m512i source = k / 2 + 64 <= w->codes_size ? _mm512_loadu_si512(codes)
+                                                         : _mm512_maskz_loadu_epi8((1ull << bytes) - 1, codes);
+            __m512i low_index = _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(shifts[odd], _mm512_permutexvar_epi8(spread, source)), _mm512_set1_epi8(0x1e));
+            if (w->mask) low_index = _mm512_maskz_expand_epi8((__mmask64)bits, low_index);
+            __m512i high_index = _mm512_or_si512(low_index, _mm512_set1_epi8(1));
+            __m512i low = _mm512_maskz_permutexvar_epi8((__mmask64)bits, low_index, table);
+            __m512i high = _mm512_maskz_permutexvar_epi8((__mmask64)bits, high_index, table);
+            __m512bh first = (__m512bh)_mm512_unpacklo_epi8(low, high), second = (__m512bh)_mm512_unpackhi_epi8(low, high);
+            for (int v = 0; v < count; v++) {
+                const uint16_t *input = x + v * w->cols + chunk;
+                sums[v][0] = _mm512_dpbf16_ps(sums[v][0], first, (__m512bh)_mm512_loadu_si512(input));
+                sums[v][1] = _mm512_dpbf16_ps(sums[v][1], second, (__m512bh)_mm512_loadu_si512(input + 32));
+            }
+            k += kept;
         }
-        uint64_t bits = ~0ull;
-        if (w->mask) memcpy(&bits, w->mask + (row * w->cols + chunk) / 8, sizeof bits);
-        int kept = __builtin_popcountll(bits), odd = (int)(k & 1), bytes = (odd + kept + 1) / 2;
-        _mm_prefetch((const char *)(w->codes + k / 2 + PREFETCH_VALUES / 2), _MM_HINT_T0);
-        __m512i source = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~0ull : (1ull << bytes) - 1, w->codes + k / 2);
-        __m512i shift = _mm512_add_epi8(shifts, _mm512_set1_epi8((char)(4 * odd)));
-        __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(spread, source)),
-                                         _mm512_set1_epi8(0x0f));
-        if (w->mask) codes = _mm512_maskz_expand_epi8((__mmask64)bits, codes);
-        __m512i low = _mm512_maskz_permutexvar_epi8((__mmask64)bits, codes, low_table);
-        __m512i high = _mm512_maskz_permutexvar_epi8((__mmask64)bits, codes, high_table);
-        __m512bh first = (__m512bh)_mm512_unpacklo_epi8(low, high), second = (__m512bh)_mm512_unpackhi_epi8(low, high);
-        for (int v = 0; v < count; v++) {
-            const uint16_t *input = x + v * w->cols + chunk;
-            sums[v][0] = _mm512_dpbf16_ps(sums[v][0], first, (__m512bh)_mm512_loadu_si512(input));
-            sums[v][1] = _mm512_dpbf16_ps(sums[v][1], second, (__m512bh)_mm512_loadu_si512(input + 32));
-        }
-        k += kept;
     }
     for (int v = 0; v < count; v++) y[v * w->rows + row] = _mm512_reduce_add_ps(_mm512_add_ps(sums[v][0], sums[v][1]));
 }
