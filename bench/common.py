@@ -32,12 +32,14 @@ def peer_python(given: str | None) -> str:
     return str(path)
 
 
-def peer_command(python: str, model: Path, calib_tokens: Path, out: Path, report: Path, pattern: str) -> list[str]:
-    """The command that prunes ``model`` with llmcompressor on the windows saved in ``calib_tokens``
-    (``pattern`` "none": 50% unstructured, else N:M), saves the result to ``out`` and writes its pruning
-    time and its own peak memory to ``report`` (JSON)."""
+def peer_command(
+    python: str, model: Path, calib_tokens: Path, out: Path, report: Path, pattern: str, method: str = "sparsegpt"
+) -> list[str]:
+    """The command that prunes ``model`` with llmcompressor's ``method`` (sparsegpt or wanda) on the windows
+    saved in ``calib_tokens`` (``pattern`` "none": 50% unstructured, else N:M), saves the result to ``out``
+    and writes its pruning time and its own peak memory to ``report`` (JSON)."""
     command = [python, str(PEER_SCRIPT), "--model", str(model), "--calib-tokens", str(calib_tokens)]
-    command += ["--out", str(out), "--json", str(report)]
+    command += ["--out", str(out), "--json", str(report), "--method", method]
     return command + ([] if pattern == "none" else ["--pattern", pattern])
 
 

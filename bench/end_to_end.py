@@ -10,7 +10,8 @@ both sides) and the process's peak resident memory; then the sotu:test perplexit
 pruned model, evaluated here in fp32.
 
     python bench/end_to_end.py --out /tmp/e2e [--peer-python /tmp/lcvenv/bin/python] \\
-        [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16] [--seeds 0,1,2]
+        [--patterns none,2:4] [--repeats 2] [--eval-windows 64] [--forward-dtype bfloat16] [--seeds 0,1,2] \\
+        [--method sparsegpt|wanda]
 
 Prints one JSON line per run and per level and seed, a Markdown table, and with several seeds the mean
 and scatter of the paired perplexity differences (at 2:4 a single pair of runs scatters by a few percent).
@@ -45,7 +46,9 @@ def ours(args: argparse.Namespace) -> None:
     windows = torch.load(args.calib_tokens)
     pattern = None if args.pattern == "none" else NMPattern.parse(args.pattern)
     chosen = {"forward_dtype": args.forward_dtype} if args.forward_dtype else {}
-    config = PruneConfig(nsamples=windows.shape[0], seqlen=windows.shape[1], pattern=pattern, **chosen)
+    config = PruneConfig(
+        method=args.method, nsamples=windows.shape[0], seqlen=windows.shape[1], pattern=pattern, **chosen
+    )
     started = time.perf_counter()
     prune_model(model, config, windows)
     seconds = time.perf_counter() - started
@@ -55,18 +58,20 @@ def ours(args: argparse.Namespace) -> None:
 
 
 def run_side(args: argparse.Namespace, side: str, pattern: str, number: int, calib: Path) -> dict:
-    out = args.out / f"{side}-{pattern.replace(':', '-')}"
-    report = args.out / f"{side}-{pattern.replace(':', '-')}-{number}.json"
+    out = args.out / f"{side}-{args.method}-{pattern.replace(':', '-')}"
+    report = args.out / f"{side}-{args.method}-{pattern.replace(':', '-')}-{number}.json"
     if side == "ours":
         command = [sys.executable, __file__, "--ours", "--model", str(args.model_folder), "--pattern", pattern]
+        command += ["--method", args.method]
         if args.forward_dtype:
             command += ["--forward-dtype", args.forward_dtype]
         command += ["--calib-tokens", str(calib), "--out", str(out), "--json", str(report)]
     else:
-        command = peer_command(args.peer_python, args.model_folder, calib, out, report, pattern)
+        command = peer_command(args.peer_python, args.model_folder, calib, out, report, pattern, args.method)
     subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(report.read_text())
-    row = {"side": side, "pattern": pattern, "run": number, "prune_seconds": result["prune_seconds"]}
+    row = {"side": side, "method": args.method, "pattern": pattern, "run": number}
+    row["prune_seconds"] = result["prune_seconds"]
     row["peak_rss_gib"] = result["peak_rss_gib"]
     print(json.dumps(row), flush=True)
     return row
@@ -83,6 +88,7 @@ def main() -> None:
         "--seeds", default="0", help="calibration samples: one level's runs per seed, compared pairwise"
     )
     parser.add_argument("--forward-dtype", default=None, help="this project's --forward-dtype (default: its default)")
+    parser.add_argument("--method", default="sparsegpt", choices=("sparsegpt", "wanda"), help="on both sides")
     # one run of ours, in a subprocess of the above
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -122,12 +128,12 @@ def main() -> None:
         runs = [
             run_side(args, side, pattern, number, calib) for number in range(args.repeats) for side in ("ours", "peer")
         ]
-        level = {"pattern": pattern, "seed": seed}
+        level = {"method": args.method, "pattern": pattern, "seed": seed}
         for side in ("ours", "peer"):
             mine = [row for row in runs if row["side"] == side]
             level[f"{side}_seconds"] = statistics.median(row["prune_seconds"] for row in mine)
             level[f"{side}_peak_rss_gib"] = max(row["peak_rss_gib"] for row in mine)
-            pruned = load_pretrained(args.out / f"{side}-{pattern.replace(':', '-')}", dtype="float32")
+            pruned = load_pretrained(args.out / f"{side}-{args.method}-{pattern.replace(':', '-')}", dtype="float32")
             level[f"{side}_ppl"] = perplexity(pruned, test)
         level["time_ratio"] = level["ours_seconds"] / level["peer_seconds"]
         level["memory_ratio"] = level["ours_peak_rss_gib"] / level["peer_peak_rss_gib"]

@@ -1,4 +1,4 @@
-"""Issue 6: do bf16 calibration forwards keep SparseGPT's accuracy? Paired runs over calibration samples.
+"""Do bf16 calibration forwards keep a method's accuracy (SparseGPT, Wanda)? Paired runs over calibration samples.
 
 For each seed (one sample of ``--nsamples`` × 512 windows of sotu:train), smollm2-135m (fp32) is pruned
 once per variant and evaluated on the first ``--eval-windows`` windows of sotu:test in fp32:
@@ -12,7 +12,7 @@ once per variant and evaluated on the first ``--eval-windows`` windows of sotu:t
 
 The differences that matter are the paired ones (same seed): their mean over seeds against their scatter.
 
-    python bench/forward_precision.py --pattern 2:4 --seeds 0,1,2,3,4,5 [--variants fp32,bf16,fp32-b4]
+    python bench/forward_precision.py --pattern 2:4 --seeds 0,1,2,3,4,5 [--variants fp32,bf16,fp32-b4] [--method wanda]
 
 Prints one JSON line per run and a Markdown table (perplexity per seed and variant, paired differences
 against ``fp32``, and their mean, standard deviation and standard error over seeds).
@@ -62,6 +62,7 @@ def only_in(kind: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pattern", default="2:4", help="N:M, or none for 50%% unstructured")
+    parser.add_argument("--method", default="sparsegpt", help="sparsegpt or wanda")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="fp32,bf16,fp32-b4")
     parser.add_argument("--nsamples", type=int, default=128)
@@ -85,13 +86,16 @@ def main() -> None:
             if variant.startswith("bf16-"):
                 only_in(variant.removeprefix("bf16-"))
             model, _, _ = sparsegpt.load_model("smollm2-135m", dtype="float32")
-            config = PruneConfig(nsamples=args.nsamples, seqlen=512, seed=seed, pattern=pattern, **VARIANTS[variant])
+            config = PruneConfig(
+                method=args.method, nsamples=args.nsamples, seqlen=512, seed=seed, pattern=pattern, **VARIANTS[variant]
+            )
             started = time.perf_counter()
             pipeline.prune_model(model, config, windows)
             seconds = time.perf_counter() - started
             ppl = perplexity(model, test)
             table.setdefault(seed, {})[variant] = ppl
-            row = {"seed": seed, "variant": variant, "pattern": args.pattern, "prune_seconds": seconds, "ppl": ppl}
+            row = {"seed": seed, "method": args.method, "variant": variant, "pattern": args.pattern}
+            row.update(prune_seconds=seconds, ppl=ppl)
             print(json.dumps(row), flush=True)
             del model
             pipeline.observe_block, pipeline.advance_block = originals

@@ -1,16 +1,17 @@
-"""Peer run: prune a model with llmcompressor's SparseGPT for comparison.
+"""Peer run: prune a model with llmcompressor's SparseGPT (or Wanda) for comparison.
 
 Runs in its own virtualenv (llmcompressor 0.14 pins its own torch and transformers; ``common.PEER_VENV``
 makes it), so it must not import the ``sparsegpt`` package. It loads a plain transformers folder in fp32
 on CPU, calibrates on exactly the given token windows (no shuffling, no tokenization), prunes every Linear
-inside the decoder blocks with ``SparseGPTModifier`` at the library's defaults (block size, dampening),
+inside the decoder blocks with ``SparseGPTModifier`` (``--method wanda``: ``WandaPruningModifier``) at the
+library's defaults (block size, dampening),
 and saves a plain dense transformers folder. Its JSON holds the pruning time and the process's own peak
 memory.
 
 Usage::
 
     python bench/peer_llmcompressor.py --model DIR --calib-tokens FILE.pt \
-        --out DIR [--sparsity 0.5] [--pattern 2:4] [--json FILE]
+        --out DIR [--sparsity 0.5] [--pattern 2:4] [--method sparsegpt|wanda] [--json FILE]
 
 ``FILE.pt`` holds an int64 tensor of shape (nsamples, seqlen) saved with
 ``torch.save``.
@@ -97,9 +98,9 @@ def versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Prune ``args.model`` with llmcompressor's SparseGPT and save it dense."""
+    """Prune ``args.model`` with llmcompressor's SparseGPT or Wanda and save it dense."""
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import SparseGPTModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     torch.set_num_threads(args.threads)
     tokens = load_windows(args.calib_tokens)
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, ValueError, TypeError):
         tokenizer = None
 
-    modifier = SparseGPTModifier(
+    modifier_class = WandaPruningModifier if args.method == "wanda" else SparseGPTModifier
+    modifier = modifier_class(
         sparsity=args.sparsity,
         mask_structure=args.pattern,
         targets=["Linear"],
@@ -155,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default="0:0", help='"N:M" semi-structured, "0:0" unstructured')
+    parser.add_argument("--method", default="sparsegpt", choices=("sparsegpt", "wanda"))
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args(argv)

@@ -69,6 +69,12 @@ def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, e
     assert (reloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5
     code, stdout, _ = run(capsys, "eval", str(out), "--data", str(workspace / "texts"), "--seqlen", "16", "--json")
     assert json.loads(stdout)["ppl"] == pytest.approx(report["ppl"]["texts"], rel=1e-5)
+    assert json.loads(stdout)["eval_precision"] == report["eval_precision"]["texts"]
+    assert report["eval_precision"]["texts"] in ("model", "split-bfloat16")  # auto: as this host measures
+    argv = ["eval", str(out), "--data", str(workspace / "texts"), "--seqlen", "16", "--json", "--eval-precision"]
+    code, stdout, _ = run(capsys, *argv, "model")
+    assert json.loads(stdout)["eval_precision"] == "model"
+    assert json.loads(stdout)["ppl"] == pytest.approx(report["ppl"]["texts"], rel=1e-2)
 
 
 def test_compare_prints_one_table(workspace, capsys, tmp_path):
@@ -170,6 +176,7 @@ def bad_inputs(root):
         "inf in weights": (["prune", str(root / "nan_model"), *out, *calib], "NaN or Inf"),
         "bad override": (["prune", model, *out, *calib, "--override", "*=lots"], "neither a number"),
         "eval short text": (["eval", model, "--data", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
+        "unknown eval precision": (["eval", model, "--data", "sotu:test", "--eval-precision", "fp8"], "invalid choice"),
         "too many bits": (["prune", model, *out, *calib, "--bits", "9"], "between 2 and 8"),
         "group without bits": (["prune", model, *out, *calib, "--group-size", "16"], "needs bits"),
         "bits with wanda": (

@@ -94,16 +94,17 @@ def test_auto_forward_precision_is_bf16_only_where_measured_accurate(monkeypatch
     cpu = torch.device("cpu")
     auto = PruneConfig(forward_dtype="auto")
     for native in (True, False):
-        monkeypatch.setattr(pipeline, "native_bfloat16", lambda device, native=native: native)
+        monkeypatch.setattr(pipeline, "fast_bfloat16", lambda device, native=native: native)
         assert resolve_forward_dtype(auto, torch.float32, cpu) == ("bfloat16" if native else None)
         assert resolve_forward_dtype(auto, torch.bfloat16, cpu) is None  # already 16-bit
         assert resolve_forward_dtype(auto, torch.float64, cpu) is None  # asked for exactness
         for other in (
             PruneConfig(forward_dtype="auto", pattern=NMPattern(2, 4)),
             PruneConfig(forward_dtype="auto", bits=4),
-            PruneConfig(forward_dtype="auto", method="wanda"),
         ):
             assert resolve_forward_dtype(other, torch.float32, cpu) is None
+        for wanda in (PruneConfig(method="wanda"), PruneConfig(method="wanda", pattern=NMPattern(2, 4))):
+            assert resolve_forward_dtype(wanda, torch.float32, cpu) == ("bfloat16" if native else None)
         assert resolve_forward_dtype(PruneConfig(forward_dtype="none"), torch.float32, cpu) is None
         assert resolve_forward_dtype(PruneConfig(forward_dtype=None), torch.float32, cpu) is None
         assert resolve_forward_dtype(PruneConfig(forward_dtype="float16"), torch.float32, cpu) == "float16"

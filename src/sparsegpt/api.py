@@ -21,7 +21,7 @@ from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomica
 from sparsegpt.host import resolve_device
 from sparsegpt.loading import load_model, load_tokenizer
 from sparsegpt.models import config_context_length, context_length, find_blocks, read_config, resolve_dtype
-from sparsegpt.perplexity import perplexity
+from sparsegpt.perplexity import EVAL_PRECISIONS, perplexity, resolve_eval_precision
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
 from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
@@ -31,11 +31,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """A text to score and how: ``windows`` caps the number of windows (None = all)."""
+    """A text to score and how: ``windows`` caps the number of windows (None = all); ``precision`` is one
+    of ``perplexity.EVAL_PRECISIONS``: "auto" (split-bfloat16 products for a float32 model where the host
+    runs them fast, else the model's own), "model", "split-bfloat16" or "bfloat16" (see
+    ``sparsegpt.perplexity``). Streamed evaluation always scores in the model's own precision."""
 
     source: str
     seqlen: int
     windows: int | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in EVAL_PRECISIONS:
+            raise SparseGPTError(
+                f"unknown evaluation precision {self.precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}"
+            )
 
 
 @dataclass
@@ -50,6 +60,7 @@ class PruneResult:
     model_source: str
     calibration: str | None
     ppl: dict[str, float] = field(default_factory=dict)
+    eval_precision: dict[str, str] = field(default_factory=dict)  # per source: as scored, or "model"
 
     @property
     def sparsity(self) -> float:
@@ -59,7 +70,13 @@ class PruneResult:
     def report(self) -> dict[str, Any]:
         """The report saved beside the model (``sparsegpt_report.json``)."""
         return prune_report(
-            self.config, self.layers, self.prune_seconds, self.model_source, ppl=self.ppl, calibration=self.calibration
+            self.config,
+            self.layers,
+            self.prune_seconds,
+            self.model_source,
+            ppl=self.ppl,
+            eval_precision=self.eval_precision,
+            calibration=self.calibration,
         )
 
     def quant_specs(self) -> dict[str, compact.QuantSpec]:
@@ -136,7 +153,14 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress:
     text = data.load_text(evaluation.source, data.EVALUATION)
     seqlen = capped_seqlen(model, evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
-    return text.name, perplexity(model, windows, progress=progress)
+    return text.name, _score(model, (text.name, windows, evaluation.precision), progress)[0]
+
+
+def _score(model: nn.Module, evaluation: tuple[str, torch.Tensor, str], progress: bool) -> tuple[float, str]:
+    """(perplexity, the precision it was scored in, or "model") of a prepared evaluation."""
+    _, windows, asked = evaluation
+    precision = resolve_eval_precision(asked, model)
+    return perplexity(model, windows, progress=progress, precision=precision), precision or "model"
 
 
 @dataclass
@@ -148,7 +172,7 @@ class _Prepared:
     source: str
     calibration_name: str | None
     calibration: torch.Tensor | None
-    evaluations: list[tuple[str, torch.Tensor]]
+    evaluations: list[tuple[str, torch.Tensor, str]]  # (source name, windows, asked precision)
 
 
 def _prepare(
@@ -173,6 +197,7 @@ def _prepare(
         (
             text.name,
             data.evaluation_windows(data.tokenize(text, tokenizer), capped_seqlen(network, e.seqlen), e.windows),
+            e.precision,
         )
         for text, e in zip(eval_texts, evaluations)
     ]
@@ -219,8 +244,8 @@ def prune(
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
     prepared.model.to(resolve_device(device))
     result = _prune(prepared, config, progress, ranks)
-    for name, windows in prepared.evaluations:
-        result.ppl[name] = perplexity(prepared.model, windows, progress=progress)
+    for evaluation in prepared.evaluations:
+        result.ppl[evaluation[0]], result.eval_precision[evaluation[0]] = _score(prepared.model, evaluation, progress)
     return result
 
 
@@ -292,6 +317,7 @@ def _run_entries(
     prepared = _prepare(model, config, calibration, evaluations, dtype, needs_calibration)
     dense_state = {name: tensor.clone() for name, tensor in prepared.model.state_dict().items()}
     rows = []
+    precisions: dict[str, str] = {}
     for method, level_text, entry in entries:
         prepared.model.load_state_dict(dense_state)
         row: dict[str, Any] = {"method": method, "sparsity": 0.0, "prune_seconds": 0.0, "ppl": {}}
@@ -300,8 +326,8 @@ def _run_entries(
         if entry is not None:
             result = _prune(prepared, entry, progress)
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
-        for name, windows in prepared.evaluations:
-            row["ppl"][name] = perplexity(prepared.model, windows, progress=progress)
+        for evaluation in prepared.evaluations:
+            row["ppl"][evaluation[0]], precisions[evaluation[0]] = _score(prepared.model, evaluation, progress)
         rows.append(row)
         log.info("%s: %s", method, row)
     return {
@@ -309,6 +335,7 @@ def _run_entries(
         "calibration": prepared.calibration_name,
         "config": config.to_dict(),
         "rows": rows,
+        "eval_precision": precisions,
         "versions": versions(),
     }
 

@@ -15,6 +15,7 @@ from sparsegpt.config import ALLOCATIONS, FORWARD_DTYPES, METHODS, PruneConfig, 
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import keep_freed_memory, resolve_device, return_freed_memory
+from sparsegpt.perplexity import EVAL_PRECISIONS, resolve_eval_precision
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.refine import MASK_SCORES
 
@@ -92,11 +93,25 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=FORWARD_DTYPES,
         help="precision of the calibration forward passes (autocast). auto (default): bfloat16 for unstructured "
-        "SparseGPT on a float32 model where the hardware multiplies bf16 natively (measured to keep the "
-        "accuracy there), else none: the model's own. Hessians and solves stay float32",
+        "SparseGPT and for Wanda on a float32 model where this host multiplies bf16 fast (measured once and "
+        "cached; bf16 forwards were measured to keep their accuracy), else none: the model's own. Hessians "
+        "and solves stay float32",
     )
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
+    _add_eval_precision_option(parser)
+
+
+def _add_eval_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-precision",
+        default="auto",
+        choices=EVAL_PRECISIONS,
+        help="precision perplexity is scored in. auto (default): split-bfloat16 for a float32 model where this "
+        "host runs it fast (measured once and cached), else model: the model's own precision. split-bfloat16: "
+        "each linear's inputs rounded to bf16, its weight split into two bf16 parts, products summed in "
+        "float32; bfloat16: autocast, the output layer in float32 (faster, less exact)",
+    )
 
 
 def _add_stream_options(parser: argparse.ArgumentParser) -> None:
@@ -182,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, default=None, help="at most N windows")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_eval_precision_option(evaluate)
     _add_runtime_option(evaluate)
     _add_stream_options(evaluate)
 
@@ -313,11 +329,11 @@ def _run(args: argparse.Namespace) -> int | None:
             )
         return
     if args.command == "eval":
-        evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows)
+        evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows, args.eval_precision)
         if (args.stream or args.offload_dir) and args.runtime == "sparse":
             raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
         if args.stream or args.offload_dir:
-            source = args.model
+            source, precision = args.model, None
             name, value = sparsegpt.evaluate_streamed(
                 args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
             )
@@ -327,12 +343,15 @@ def _run(args: argparse.Namespace) -> int | None:
             model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
             model = model.to(resolve_device(args.device))
             name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
+            precision = resolve_eval_precision(evaluation.precision, model)  # measured and cached: as scored
         if args.json:
-            print(json.dumps({"model": source, "data": name, "ppl": value}))
+            print(json.dumps({"model": source, "data": name, "ppl": value, "eval_precision": precision or "model"}))
         else:
-            print(f"{name}: perplexity {value:.3f} ({source})")
+            print(f"{name}: perplexity {value:.3f} ({source}{_scored_in(precision or 'model')})")
         return
-    evaluations = [sparsegpt.Evaluation(source, args.seqlen, args.eval_windows) for source in args.eval]
+    evaluations = [
+        sparsegpt.Evaluation(source, args.seqlen, args.eval_windows, args.eval_precision) for source in args.eval
+    ]
     streamed = args.command == "prune" and (args.stream or args.offload_dir or args.resume or args.dry_run)
     ranks = Ranks.from_environment(resolve_device(args.device)) if args.command == "prune" else None
     if streamed and (ranks is not None or args.processes > 1):
@@ -363,7 +382,7 @@ def _run(args: argparse.Namespace) -> int | None:
             f"\n{result.config.method}: sparsity {result.sparsity:.4f} in {result.prune_seconds:.1f} s; saved to {args.output}"
         )
         for name, value in result.ppl.items():
-            print(f"perplexity on {name}: {value:.3f}")
+            print(f"perplexity on {name}: {value:.3f}{_scored_in(result.eval_precision[name])}")
         return
     methods = [method.strip() for method in args.methods.split(",") if method.strip()]
     if args.allocation != "uniform" or args.mask_score != "sparsegpt":
@@ -381,6 +400,15 @@ def _run(args: argparse.Namespace) -> int | None:
         f"{comparison['model']}; calibration {config.nsamples} x {config.seqlen} tokens of {comparison['calibration']}"
     )
     print(_comparison_table(comparison))
+    for precision in sorted(set(comparison["eval_precision"].values()) - {"model"}):
+        print(f"perplexity{_scored_in(precision)}")
+
+
+def _scored_in(precision: str) -> str:
+    """What a perplexity line adds about its precision: nothing for the model's own."""
+    if precision == "split-bfloat16":
+        return "; scored with split-bfloat16 products (each linear's inputs rounded to bf16)"
+    return "" if precision == "model" else "; scored with bfloat16 products, the output layer in float32"
 
 
 def _sweep(
@@ -416,7 +444,8 @@ def _sweep_table(result: dict[str, Any]) -> str:
     levels = list(dict.fromkeys(row["level"] for row in rows if "level" in row))
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
     dense = next((row["ppl"][source] for row in rows if row["method"] == "dense"), None)
-    lines = [f"perplexity on {source}" + (f" (dense {dense:.3f})" if dense is not None else ""), ""]
+    scored = _scored_in(result.get("eval_precision", {}).get(source, "model"))
+    lines = [f"perplexity on {source}" + (f" (dense {dense:.3f})" if dense is not None else "") + scored, ""]
     lines += ["| method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
     for method in methods:
         cells = []

@@ -33,9 +33,10 @@ class PruneConfig:
     ``forward_dtype`` ("bfloat16" or "float16") runs the calibration forward passes under autocast in that
     precision (matrix products in it, weights kept as they are); the Hessians are summed in float32 from
     the inputs as the layers multiply them, and solves stay in float32. "auto" (the default) picks bfloat16
-    where it was measured to keep the accuracy: unstructured SparseGPT on a float32 model, on hardware that
-    multiplies bf16 natively (CUDA with bf16, CPUs with AMX or AVX512-BF16); elsewhere, and with "none"
-    (or None), the forwards run in the model's own precision (``pipeline.resolve_forward_dtype``).
+    where it was measured to keep the accuracy: unstructured SparseGPT and Wanda on a float32 model, where
+    bf16 products measure fast (CUDA with bf16; CPUs by a short measurement, ``host.fast_bfloat16``);
+    elsewhere, and with "none" (or None), the forwards run in the model's own precision
+    (``pipeline.resolve_forward_dtype``).
     """
 
     method: str = "sparsegpt"

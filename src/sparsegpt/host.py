@@ -1,5 +1,5 @@
-"""The machine this process runs on: which device to compute on, whether it multiplies bf16 natively,
-how much memory is free, and the C allocator's settings that the command line applies.
+"""The machine this process runs on: which device to compute on, how fast it multiplies bf16 against
+float32 (measured once per host and cached), how much memory is free, and the C allocator's settings that the command line applies.
 
 glibc's allocator hands tensors above a size threshold straight back to the kernel when they are freed,
 and trims the heap as soon as its free top grows, so every forward pass of a calibration batch faults its
@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import json
 import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +54,139 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware (faster than float32, not emulated)."""
+@dataclass(frozen=True)
+class MatmulRates:
+    """A linear layer's speed on this host in GFLOP/s at the shape of a calibration forward's MLP
+    (``PROBE_SHAPE``), with torch's current thread count: ``F.linear`` with float32 and with bfloat16
+    operands, and the split-bfloat16 product perplexity can score with (``perplexity.SplitBfloat16Linears``:
+    two bf16 products summed in float32, counted as the one float32 product they stand for)."""
+
+    float32: float
+    bfloat16: float
+    split_bfloat16: float
+
+    @property
+    def bfloat16_speedup(self) -> float:
+        return self.bfloat16 / self.float32
+
+    @property
+    def split_bfloat16_speedup(self) -> float:
+        return self.split_bfloat16 / self.float32
+
+
+# tokens × width → out features: smollm2-135m's up projection over one 512-token window; small enough that
+# the probe takes well under a second even where bf16 is emulated (about 0.2 × float32's rate on AVX2)
+PROBE_SHAPE = (512, 576, 1536)
+# bf16 forwards also pay for casts and for the parts autocast leaves in float32: below this speed-up of the
+# products alone they are not worth it
+BFLOAT16_WORTH_IT = 1.5
+RATES_FILE = "host-rates.json"
+RATE_NAMES = ("float32", "bfloat16", "split_bfloat16")
+
+
+def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
+    """Whether bf16 products on ``device`` are fast enough that bf16 forwards pay: on a GPU, native bf16
+    support; on the CPU, a measured speed-up of at least ``BFLOAT16_WORTH_IT`` (``matmul_rates``), not the
+    instruction-set flags, which promise the same on hosts whose libraries differ."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
-    probes = (torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported)  # private, yet stable
-    try:
-        return any(probe() for probe in probes)
-    except (AttributeError, RuntimeError):
+    return matmul_rates(cache).bfloat16_speedup >= BFLOAT16_WORTH_IT
+
+
+def fast_split_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
+    """Whether split-bfloat16 products (``MatmulRates``) on ``device`` beat float32 by ``BFLOAT16_WORTH_IT``:
+    measured on the CPU, where they exist (MKL's bf16 × bf16 → float32 routine); never elsewhere."""
+    from sparsegpt.solver.gram import has_mixed_product
+
+    if device.type != "cpu" or not has_mixed_product(torch.bfloat16):
         return False
+    return matmul_rates(cache).split_bfloat16_speedup >= BFLOAT16_WORTH_IT
+
+
+def matmul_rates(cache: Path | None = None) -> MatmulRates:
+    """This host's ``MatmulRates``, measured once per processor, torch version and thread count and kept
+    in ``cache``/host-rates.json (by default the project's cache folder; where it cannot be written, each
+    process measures anew)."""
+    path = (cache if cache is not None else _cache_root()) / RATES_FILE
+    key = host_key()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict):
+        try:
+            return MatmulRates(*(float(known[key][name]) for name in RATE_NAMES))
+        except (KeyError, TypeError, ValueError):
+            pass
+    rates = measure_matmul_rates()
+    log.info(
+        "this host multiplies at %.0f GFLOP/s in float32, %.0f in bfloat16, %.0f split (cached in %s)",
+        rates.float32,
+        rates.bfloat16,
+        rates.split_bfloat16,
+        path,
+    )
+    known[key] = {name: getattr(rates, name) for name in RATE_NAMES}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+        partial.replace(path)
+    except OSError as error:
+        log.debug("host rates not cached (%s)", error)
+    return rates
+
+
+def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5) -> MatmulRates:
+    """The ``MatmulRates`` at ``shape`` (tokens, width, out features): for each, the best of ``repeats``
+    calls after two warm-up calls (the best, as the machine's rate, not its noise)."""
+    from sparsegpt.perplexity import SplitBfloat16Linears
+
+    tokens, width, features = shape
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(tokens, width, generator=generator)
+    weight = torch.nn.Parameter(torch.randn(features, width, generator=generator), requires_grad=False)
+    split = SplitBfloat16Linears()
+    calls = (
+        lambda: torch.nn.functional.linear(inputs, weight),
+        lambda: torch.nn.functional.linear(inputs.bfloat16(), weight.bfloat16()),
+        lambda: split.linear(inputs, weight, None),
+    )
+    rates = []
+    for call in calls:
+        best = math.inf
+        with torch.no_grad():
+            for attempt in range(2 + repeats):
+                start = time.perf_counter()
+                call()
+                if attempt >= 2:
+                    best = min(best, time.perf_counter() - start)
+        rates.append(2.0 * tokens * width * features / best / 1e9)
+    return MatmulRates(*rates)
+
+
+def host_key() -> str:
+    """What a matrix product's speed depends on: the processor (its name and flags), torch's version and
+    its thread count."""
+    fields: dict[str, str] = {}
+    try:  # Linux: the first processor's entry (x86 names "flags", ARM "Features")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            field, _, value = line.partition(":")
+            fields.setdefault(field.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags") or fields.get("Features") or ""
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{name} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _cache_root() -> Path:
+    from sparsegpt.assets import cache_root  # the project's one cache folder
+
+    return cache_root()
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sparsegpt.config import PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import native_bfloat16
+from sparsegpt.host import fast_bfloat16
 from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
 from sparsegpt.report import LayerRecord
 from sparsegpt.solver import (
@@ -397,13 +397,15 @@ def forward_precision(forward_dtype: str | None, device: torch.device) -> contex
 def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device: torch.device) -> str | None:
     """The autocast precision for the block forwards of ``config``, or None for the model's own.
 
-    "auto" becomes "bfloat16" only where that was measured to keep the accuracy and is faster: unstructured
-    SparseGPT without quantization, on a float32 model, on hardware with native bf16 products. At 2:4
-    bf16 forwards cost measurable perplexity on smollm2-135m (docs/RESULTS.md, "bf16 forwards"), so N:M patterns,
-    quantization and the other methods keep the model's precision."""
+    "auto" becomes "bfloat16" only where that was measured to keep the accuracy and is faster, on a float32
+    model where bf16 products measure fast (``host.fast_bfloat16``): unstructured SparseGPT without
+    quantization, and Wanda (50% and 2:4). At 2:4 bf16 forwards cost SparseGPT measurable perplexity on
+    smollm2-135m (docs/RESULTS.md, "bf16 forwards"), so SparseGPT's N:M patterns and quantization keep the
+    model's precision."""
     if config.forward_dtype == "auto":
-        measured = config.method == "sparsegpt" and config.pattern is None and config.bits is None
-        return "bfloat16" if measured and model_dtype == torch.float32 and native_bfloat16(device) else None
+        sparsegpt = config.method == "sparsegpt" and config.pattern is None
+        measured = (sparsegpt or config.method == "wanda") and config.bits is None
+        return "bfloat16" if measured and model_dtype == torch.float32 and fast_bfloat16(device) else None
     return None if config.forward_dtype == "none" else config.forward_dtype
 
 

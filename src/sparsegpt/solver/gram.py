@@ -112,6 +112,12 @@ def native_mixed_gram(dtype: torch.dtype) -> bool:
 _INT32_MAX = 2**31 - 1
 
 
+def has_mixed_product(dtype: torch.dtype) -> bool:
+    """Whether ``add_product`` multiplies ``dtype`` inputs into a float32 result natively on the CPU (MKL's
+    routine), rather than in float32 after widening them."""
+    return _routine(dtype) is not None
+
+
 def _addressable(*matrices: tuple[int, int]) -> bool:
     """Whether every (rows, leading dimension) matrix spans fewer elements than a 32-bit integer counts,
     as the MKL routines here need."""
@@ -188,6 +194,26 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
             routine(_ROW_MAJOR, _TRANSPOSE, _NO_TRANSPOSE, m, n, tokens, 1.0, a, lda, b, ldb, 1.0, c, ldc)
             return
     out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
+
+
+def linear_product(out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, accumulate: bool = False) -> None:
+    """``out = inputs · weightᵀ`` (``+ out`` when ``accumulate``) in place, for ``inputs`` (tokens, k) and
+    ``weight`` (n, k) of one 16-bit dtype and a float32 ``out`` (tokens, n): the products of a linear layer,
+    exact and summed in float32, with no copy of either operand where their rows are unit-stride. MKL's
+    mixed-precision routine where torch's library has it, else in float32 after widening them."""
+    routine = _routine(inputs.dtype) if out.device.type == "cpu" and out.dtype == torch.float32 else None
+    if routine is not None and weight.dtype == inputs.dtype and inputs.shape[0] > 0:
+        inputs, weight = _row_major(inputs), _row_major(weight)
+        (tokens, k), n = inputs.shape, weight.shape[0]
+        (lda, ldb, ldc) = inputs.stride(0), weight.stride(0), out.stride(0)
+        if out.stride(1) == 1 and _addressable((tokens, lda), (n, ldb), (tokens, ldc)):
+            # row-major C (tokens × n) = 1·A Bᵀ + β·C: A is (tokens × k), B (n × k)
+            a, b, c = inputs.data_ptr(), weight.data_ptr(), out.data_ptr()
+            beta = 1.0 if accumulate else 0.0
+            routine(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE, tokens, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+            return
+    product = inputs.to(out.dtype) @ weight.to(out.dtype).T
+    out.add_(product) if accumulate else out.copy_(product)
 
 
 def _row_major(matrix: torch.Tensor) -> torch.Tensor:
