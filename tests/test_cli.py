@@ -176,7 +176,10 @@ def bad_inputs(root):
         "inf in weights": (["prune", str(root / "nan_model"), *out, *calib], "NaN or Inf"),
         "bad override": (["prune", model, *out, *calib, "--override", "*=lots"], "neither a number"),
         "eval short text": (["eval", model, "--data", str(root / "short.txt"), "--seqlen", "16"], "fewer than one"),
-        "unknown eval precision": (["eval", model, "--data", "sotu:test", "--eval-precision", "fp8"], "invalid choice"),
+        "unknown eval precision": (
+            ["eval", model, "--data", "sotu:test", "--eval-precision", "fp8"],
+            "unknown evaluation precision",
+        ),
         "too many bits": (["prune", model, *out, *calib, "--bits", "9"], "between 2 and 8"),
         "group without bits": (["prune", model, *out, *calib, "--group-size", "16"], "needs bits"),
         "bits with wanda": (

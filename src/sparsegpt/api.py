@@ -21,7 +21,7 @@ from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomica
 from sparsegpt.host import resolve_device
 from sparsegpt.loading import load_model, load_tokenizer
 from sparsegpt.models import config_context_length, context_length, find_blocks, read_config, resolve_dtype
-from sparsegpt.perplexity import EVAL_PRECISIONS, perplexity, resolve_eval_precision
+from sparsegpt.perplexity import check_eval_precision, perplexity, resolve_eval_precision
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
 from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
@@ -42,10 +42,7 @@ class Evaluation:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in EVAL_PRECISIONS:
-            raise SparseGPTError(
-                f"unknown evaluation precision {self.precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}"
-            )
+        check_eval_precision(self.precision)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sparsegpt.config import ALLOCATIONS, FORWARD_DTYPES, METHODS, PruneConfig, 
 from sparsegpt.distributed import Ranks, finish
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import keep_freed_memory, resolve_device, return_freed_memory
-from sparsegpt.perplexity import EVAL_PRECISIONS, resolve_eval_precision
+from sparsegpt.perplexity import EVAL_PRECISIONS, check_eval_precision, resolve_eval_precision
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.refine import MASK_SCORES
 
@@ -106,7 +106,7 @@ def _add_eval_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-precision",
         default="auto",
-        choices=EVAL_PRECISIONS,
+        metavar="|".join(EVAL_PRECISIONS),
         help="precision perplexity is scored in. auto (default): split-bfloat16 for a float32 model where this "
         "host runs it fast (measured once and cached), else model: the model's own precision. split-bfloat16: "
         "each linear's inputs rounded to bf16, its weight split into two bf16 parts, products summed in "
@@ -328,6 +328,7 @@ def _run(args: argparse.Namespace) -> int | None:
                 file=sys.stderr,
             )
         return
+    check_eval_precision(getattr(args, "eval_precision", "auto"))
     if args.command == "eval":
         evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows, args.eval_precision)
         if (args.stream or args.offload_dir) and args.runtime == "sparse":

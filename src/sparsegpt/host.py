@@ -58,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
 class MatmulRates:
     """A linear layer's speed on this host in GFLOP/s at the shape of a calibration forward's MLP
     (``PROBE_SHAPE``), with torch's current thread count: ``F.linear`` with float32 and with bfloat16
-    operands, and the split-bfloat16 product perplexity can score with (``perplexity.SplitBfloat16Linears``:
+    operands, and the split-bfloat16 product perplexity can score with (``gram.split_linear``:
     two bf16 products summed in float32, counted as the one float32 product they stand for)."""
 
     float32: float
@@ -142,17 +142,17 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
 def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5) -> MatmulRates:
     """The ``MatmulRates`` at ``shape`` (tokens, width, out features): for each, the best of ``repeats``
     calls after two warm-up calls (the best, as the machine's rate, not its noise)."""
-    from sparsegpt.perplexity import SplitBfloat16Linears
+    from sparsegpt.solver.gram import split_bfloat16, split_linear
 
     tokens, width, features = shape
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(tokens, width, generator=generator)
-    weight = torch.nn.Parameter(torch.randn(features, width, generator=generator), requires_grad=False)
-    split = SplitBfloat16Linears()
+    weight = torch.randn(features, width, generator=generator)
+    parts = split_bfloat16(weight)
     calls = (
         lambda: torch.nn.functional.linear(inputs, weight),
         lambda: torch.nn.functional.linear(inputs.bfloat16(), weight.bfloat16()),
-        lambda: split.linear(inputs, weight, None),
+        lambda: split_linear(inputs, *parts),
     )
     rates = []
     for call in calls:

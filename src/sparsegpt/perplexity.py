@@ -28,9 +28,15 @@ from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_split_bfloat16
-from sparsegpt.solver.gram import has_mixed_product, linear_product
+from sparsegpt.solver.gram import has_mixed_product, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
+
+
+def check_eval_precision(precision: str) -> None:
+    """Raise a one-line ``SparseGPTError`` unless ``precision`` is one of ``EVAL_PRECISIONS``."""
+    if precision not in EVAL_PRECISIONS:
+        raise SparseGPTError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}")
 
 
 def resolve_eval_precision(precision: str, model: nn.Module) -> str | None:
@@ -39,8 +45,7 @@ def resolve_eval_precision(precision: str, model: nn.Module) -> str | None:
 
     "auto" is split-bfloat16 for a float32 model on a CPU whose mixed bf16 product measures fast
     (``host.fast_split_bfloat16``), the model's own precision otherwise; "model" is always the model's own."""
-    if precision not in EVAL_PRECISIONS:
-        raise SparseGPTError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}")
+    check_eval_precision(precision)
     parameter = next(model.parameters())
     if precision == "auto":
         fast = parameter.dtype == torch.float32 and fast_split_bfloat16(parameter.device)
@@ -52,9 +57,8 @@ def resolve_eval_precision(precision: str, model: nn.Module) -> str | None:
 
 class SplitBfloat16Linears(TorchFunctionMode):
     """``F.linear`` of float32 inputs and float32 weight parameters as two products of bf16 operands summed
-    in float32: the inputs rounded to bf16 once, the weight split into hi = bf16(w) and lo = bf16(w − hi).
-    (One product of [x, x] and [hi, lo] side by side along the inner dimension measured slower than
-    two products into one output.) Each weight's parts are made once (and again if the weight changes in
+    in float32 (``gram.split_linear``): the inputs rounded to bf16 once, the weight split into
+    hi = bf16(w) and lo = bf16(w − hi). Each weight's parts are made once (and again if the weight changes in
     place); other calls, and weights that are not parameters (a reused scratch buffer), go to torch
     unchanged."""
 
@@ -79,16 +83,9 @@ class SplitBfloat16Linears(TorchFunctionMode):
     def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
         known = self.parts.get(id(weight))
         if known is None or known[0] is not weight or known[1] != weight._version:
-            high = weight.detach().bfloat16()
-            known = (weight, weight._version, high, (weight.detach() - high.float()).bfloat16())
+            known = (weight, weight._version, *split_bfloat16(weight.detach()))
             self.parts[id(weight)] = known
-        rows = inputs.reshape(-1, inputs.shape[-1]).bfloat16()
-        out = torch.empty(rows.shape[0], weight.shape[0])
-        linear_product(out, rows, known[2])
-        linear_product(out, rows, known[3], accumulate=True)
-        if bias is not None:
-            out += bias
-        return out.reshape(*inputs.shape[:-1], weight.shape[0])
+        return split_linear(inputs, known[2], known[3], bias)
 
 
 @contextlib.contextmanager
