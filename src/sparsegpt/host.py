@@ -1,5 +1,6 @@
 """The machine this process runs on: which device to compute on, how fast it multiplies bf16 against
-float32 (measured once per host and cached), how much memory is free, and the C allocator's settings that the command line applies.
+float32 (measured once per host and cached), how much memory is free, and the C allocator's settings that
+the command line applies.
 
 glibc's allocator hands tensors above a size threshold straight back to the kernel when they are freed,
 and trims the heap as soon as its free top grows, so every forward pass of a calibration batch faults its
