@@ -41,8 +41,14 @@ def test_two_gloo_processes_prune_like_one(workspace, tmp_path, method, forward)
     differing = sum(int(((a[key] == 0) != (b[key] == 0)).sum()) for key in a)
     total = sum(a[key].numel() for key in a)
     assert differing <= total * 1e-3  # masks agree but for near-ties the summation order can flip
-    if forward == "none":  # (a flipped near-tie moves the rest of its row: seen with bf16's coarser Hessians)
-        assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-3
+    # a flipped near-tie moves the rest of its row (often with bf16's coarser Hessians, rarely in fp32): the
+    # rows whose masks agree agree in value
+    if forward == "none":
+        for key in a:
+            difference = (a[key] - b[key]).abs()
+            if difference.ndim == 2:
+                difference = difference[((a[key] == 0) == (b[key] == 0)).all(dim=1)]
+            assert difference.numel() == 0 or float(difference.max()) < 1e-3, key
 
 
 def test_streaming_is_one_process(workspace, tmp_path, capsys):
