@@ -13,20 +13,22 @@ three ways:
 
     python bench/eval_precision.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--levels 50%,2:4] [--windows 64]
 
-Prints one JSON line per model and way, and a Markdown table: perplexity, its shift against float32, seconds.
+Prints the host's measured product rates (``host.matmul_rates``), one JSON line per model and way, and a
+Markdown table: perplexity, its shift against float32, seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 
 import torch
 
 import sparsegpt
-from sparsegpt import PruneConfig, data
+from sparsegpt import PruneConfig, data, host
 from sparsegpt.perplexity import perplexity
 from sparsegpt.pipeline import prune_model
 from sparsegpt.solver import NMPattern
@@ -51,17 +53,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # what --eval-precision auto decides by (measured once per host and cached)
+    print(json.dumps({"host_rates_gflop_per_s": dataclasses.asdict(host.matmul_rates())}), flush=True)
     text = data.load_text("sotu:test", data.EVALUATION)
 
     def candidates():
+        train = None  # the calibration text, tokenized once
         for name in args.models.split(","):
             model, tokenizer, _ = sparsegpt.load_model(name, dtype="float32")
             yield name, model, tokenizer
         for level in [text for text in args.levels.split(",") if text and text != "none"]:
             model, tokenizer, _ = sparsegpt.load_model("smollm2-135m", dtype="float32")
+            if train is None:
+                train = data.tokenize(data.load_text("sotu:train"), tokenizer)
             pattern = NMPattern.parse(level) if ":" in level else None
             config = PruneConfig(nsamples=16, seqlen=512, pattern=pattern)
-            train = data.tokenize(data.load_text("sotu:train"), tokenizer)
             prune_model(model, config, data.calibration_windows(train, 16, 512, 0))
             yield f"smollm2-135m {level} (SparseGPT, 16 × 512 calibration)", model, tokenizer
 

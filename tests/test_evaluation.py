@@ -10,12 +10,12 @@ from sparsegpt import Evaluation, host, perplexity
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import MatmulRates, fast_bfloat16, fast_split_bfloat16, matmul_rates
 from sparsegpt.perplexity import SplitBfloat16Linears, resolve_eval_precision, scoring_precision
-from sparsegpt.solver.gram import has_mixed_product
+from sparsegpt.solver.gram import native_mixed_gram
 
 from tiny import VOCAB, tiny_model
 
 CPU = torch.device("cpu")
-MIXED = has_mixed_product(torch.bfloat16)
+MIXED = native_mixed_gram(torch.bfloat16)
 needs_mixed = pytest.mark.skipif(not MIXED, reason="torch's library has no MKL bf16 x bf16 -> fp32 product here")
 
 

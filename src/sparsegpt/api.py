@@ -150,12 +150,11 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluation: Evaluation, progress:
     text = data.load_text(evaluation.source, data.EVALUATION)
     seqlen = capped_seqlen(model, evaluation.seqlen)
     windows = data.evaluation_windows(data.tokenize(text, tokenizer), seqlen, evaluation.windows)
-    return text.name, _score(model, (text.name, windows, evaluation.precision), progress)[0]
+    return text.name, _score(model, windows, evaluation.precision, progress)[0]
 
 
-def _score(model: nn.Module, evaluation: tuple[str, torch.Tensor, str], progress: bool) -> tuple[float, str]:
-    """(perplexity, the precision it was scored in, or "model") of a prepared evaluation."""
-    _, windows, asked = evaluation
+def _score(model: nn.Module, windows: torch.Tensor, asked: str, progress: bool) -> tuple[float, str]:
+    """(perplexity, the precision it was scored in, or "model") of ``windows`` with the precision ``asked``."""
     precision = resolve_eval_precision(asked, model)
     return perplexity(model, windows, progress=progress, precision=precision), precision or "model"
 
@@ -241,8 +240,8 @@ def prune(
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
     prepared.model.to(resolve_device(device))
     result = _prune(prepared, config, progress, ranks)
-    for evaluation in prepared.evaluations:
-        result.ppl[evaluation[0]], result.eval_precision[evaluation[0]] = _score(prepared.model, evaluation, progress)
+    for name, windows, asked in prepared.evaluations:
+        result.ppl[name], result.eval_precision[name] = _score(prepared.model, windows, asked, progress)
     return result
 
 
@@ -323,8 +322,8 @@ def _run_entries(
         if entry is not None:
             result = _prune(prepared, entry, progress)
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
-        for evaluation in prepared.evaluations:
-            row["ppl"][evaluation[0]], precisions[evaluation[0]] = _score(prepared.model, evaluation, progress)
+        for name, windows, asked in prepared.evaluations:
+            row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
         rows.append(row)
         log.info("%s: %s", method, row)
     return {

@@ -99,9 +99,9 @@ def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
 def fast_split_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
     """Whether split-bfloat16 products (``MatmulRates``) on ``device`` beat float32 by ``BFLOAT16_WORTH_IT``:
     measured on the CPU, where they exist (MKL's bf16 × bf16 → float32 routine); never elsewhere."""
-    from sparsegpt.solver.gram import has_mixed_product
+    from sparsegpt.solver.gram import native_mixed_gram
 
-    if device.type != "cpu" or not has_mixed_product(torch.bfloat16):
+    if device.type != "cpu" or not native_mixed_gram(torch.bfloat16):
         return False
     return matmul_rates(cache).split_bfloat16_speedup >= BFLOAT16_WORTH_IT
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_split_bfloat16
-from sparsegpt.solver.gram import has_mixed_product, split_bfloat16, split_linear
+from sparsegpt.solver.gram import native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
 
@@ -50,7 +50,7 @@ def resolve_eval_precision(precision: str, model: nn.Module) -> str | None:
     if precision == "auto":
         fast = parameter.dtype == torch.float32 and fast_split_bfloat16(parameter.device)
         return "split-bfloat16" if fast else None
-    if precision == "split-bfloat16" and (parameter.device.type != "cpu" or not has_mixed_product(torch.bfloat16)):
+    if precision == "split-bfloat16" and (parameter.device.type != "cpu" or not native_mixed_gram(torch.bfloat16)):
         raise SparseGPTError("split-bfloat16 scoring needs the CPU and MKL's bf16 product in torch's library")
     return None if precision == "model" else precision
 
@@ -82,7 +82,7 @@ class SplitBfloat16Linears(TorchFunctionMode):
 
     def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
         known = self.parts.get(id(weight))
-        if known is None or known[0] is not weight or known[1] != weight._version:
+        if known is None or known[1] != weight._version:  # (the id is unique: ``parts`` holds the weight)
             known = (weight, weight._version, *split_bfloat16(weight.detach()))
             self.parts[id(weight)] = known
         return split_linear(inputs, known[2], known[3], bias)

@@ -105,17 +105,12 @@ def rank_update_agrees(update: Any, dtype: torch.dtype) -> bool:
 
 
 def native_mixed_gram(dtype: torch.dtype) -> bool:
-    """Whether Gram matrices of ``dtype`` inputs are accumulated by the native float32-output product."""
+    """Whether products of ``dtype`` inputs into float32 (Gram matrices by ``add_product``, linear layers by
+    ``linear_product``) run natively (MKL's routine) rather than in float32 after widening them."""
     return _routine(dtype) is not None
 
 
 _INT32_MAX = 2**31 - 1
-
-
-def has_mixed_product(dtype: torch.dtype) -> bool:
-    """Whether ``add_product`` multiplies ``dtype`` inputs into a float32 result natively on the CPU (MKL's
-    routine), rather than in float32 after widening them."""
-    return _routine(dtype) is not None
 
 
 def _addressable(*matrices: tuple[int, int]) -> bool:
@@ -228,8 +223,7 @@ def split_linear(
 ) -> torch.Tensor:
     """``inputs · (high + low)ᵀ + bias`` for float32 ``inputs`` (..., k) and a weight split by
     ``split_bfloat16`` (n, k): the inputs rounded to bf16 once, both products exact and summed in float32
-    (``linear_product``). One product of [x, x] and [hi, lo] side by side measured slower than two
-    products into one output."""
+    (``linear_product``)."""
     rows = inputs.reshape(-1, inputs.shape[-1]).bfloat16()
     out = torch.empty(rows.shape[0], high.shape[0])
     linear_product(out, rows, high)
