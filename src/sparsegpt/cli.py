@@ -18,6 +18,7 @@ from sparsegpt.host import keep_freed_memory, resolve_device, return_freed_memor
 from sparsegpt.perplexity import EVAL_PRECISIONS, check_eval_precision, resolve_eval_precision
 from sparsegpt.solver import NMPattern
 from sparsegpt.solver.refine import MASK_SCORES
+from sparsegpt.zeroshot import OFFLINE_TASKS
 
 EXIT_USAGE = 2
 DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train --eval sotu:test"
@@ -100,6 +101,18 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", nargs="+", default=[], metavar="SOURCE", help="perplexity sources after pruning")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most N windows per source")
     _add_eval_precision_option(parser)
+    _add_task_options(parser)
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        metavar="TASK[,TASK...]",
+        help="zero-shot tasks through lm-evaluation-harness, comma-separated: "
+        f"{','.join(OFFLINE_TASKS)} run offline from the cache; any other lm-eval task reads the Hub",
+    )
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N documents per task")
 
 
 def _add_eval_precision_option(parser: argparse.ArgumentParser) -> None:
@@ -191,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("output", type=Path, help="output folder")
         command.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a text, zero-shot tasks")
     _add_model_options(evaluate)
-    evaluate.add_argument("--data", required=True, help="text source")
+    evaluate.add_argument("--data", default=None, help="text source to score perplexity on")
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, default=None, help="at most N windows")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     _add_eval_precision_option(evaluate)
+    _add_task_options(evaluate)
     _add_runtime_option(evaluate)
     _add_stream_options(evaluate)
 
@@ -279,12 +293,20 @@ def _layer_table(layers: list[Any]) -> str:
 
 
 def _comparison_table(result: dict[str, Any]) -> str:
-    sources = list(result["rows"][0]["ppl"]) if result["rows"] else []
+    """Perplexity per source, then (with tasks) accuracy per task and their mean, one row per method."""
+    rows = result["rows"]
+    sources = list(rows[0]["ppl"]) if rows else []
+    tasks = list(rows[0].get("tasks", {})) if rows else []
     header = f"{'method':<12} {'sparsity':>8} {'prune s':>8}" + "".join(f" {name:>14}" for name in sources)
+    header += "".join(f" {name:>14}" for name in tasks) + (f" {'mean acc':>9}" if tasks else "")
     lines = [header, "-" * len(header)]
-    for row in result["rows"]:
+    for row in rows:
         cells = "".join(f" {row['ppl'][name]:>14.2f}" for name in sources)
+        cells += "".join(f" {row['tasks'][name]['acc']:>14.4f}" for name in tasks)
+        cells += f" {row['tasks_average_acc']:>9.4f}" if tasks else ""
         lines.append(f"{row['method']:<12} {row['sparsity']:>8.4f} {row['prune_seconds']:>8.1f}{cells}")
+    if tasks:
+        lines.append(f"(task columns: zero-shot acc{_scored_in(rows[0]['tasks_precision'])})")
     return "\n".join(lines)
 
 
@@ -329,26 +351,9 @@ def _run(args: argparse.Namespace) -> int | None:
             )
         return
     check_eval_precision(getattr(args, "eval_precision", "auto"))
+    zero_shot = _zero_shot(args)
     if args.command == "eval":
-        evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows, args.eval_precision)
-        if (args.stream or args.offload_dir) and args.runtime == "sparse":
-            raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
-        if args.stream or args.offload_dir:
-            source, precision = args.model, None
-            name, value = sparsegpt.evaluate_streamed(
-                args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
-            )
-        else:
-            if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
-                raise SparseGPTError("--runtime sparse runs on the CPU")
-            model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
-            model = model.to(resolve_device(args.device))
-            name, value = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
-            precision = resolve_eval_precision(evaluation.precision, model)  # measured and cached: as scored
-        if args.json:
-            print(json.dumps({"model": source, "data": name, "ppl": value, "eval_precision": precision or "model"}))
-        else:
-            print(f"{name}: perplexity {value:.3f} ({source}{_scored_in(precision or 'model')})")
+        _evaluate(args, zero_shot, progress)
         return
     evaluations = [
         sparsegpt.Evaluation(source, args.seqlen, args.eval_windows, args.eval_precision) for source in args.eval
@@ -358,6 +363,8 @@ def _run(args: argparse.Namespace) -> int | None:
     if streamed and (ranks is not None or args.processes > 1):
         raise SparseGPTError("--stream runs in one process; several processes prune a model held in memory")
     if streamed:
+        if zero_shot is not None:
+            raise SparseGPTError("--stream scores perplexity only; zero-shot tasks run on a model held in memory")
         _prune_streamed(args, evaluations, progress)
         return
     if args.command == "prune" and args.processes > 1 and ranks is None:
@@ -374,7 +381,9 @@ def _run(args: argparse.Namespace) -> int | None:
         if ranks is not None and not ranks.leader:  # followers prune their share; the leader saves and reports
             sparsegpt.prune(args.model, config, args.calib, [], args.dtype, False, ranks, args.device)
             return
-        result = sparsegpt.prune(args.model, config, args.calib, evaluations, args.dtype, progress, ranks, args.device)
+        result = sparsegpt.prune(
+            args.model, config, args.calib, evaluations, args.dtype, progress, ranks, args.device, zero_shot
+        )
         result.save(args.output, args.overwrite, compact_format=args.format == "compact")
         if args.report:
             atomic.write_json_atomically(args.report, result.report())
@@ -384,6 +393,10 @@ def _run(args: argparse.Namespace) -> int | None:
         )
         for name, value in result.ppl.items():
             print(f"perplexity on {name}: {value:.3f}{_scored_in(result.eval_precision[name])}")
+        report = result.report()
+        if "tasks" in report:
+            print(f"zero-shot tasks{_scored_in(report['tasks_precision'])}:")
+            print(_tasks_table(report["tasks"], report["tasks_average_acc"]))
         return
     methods = [method.strip() for method in args.methods.split(",") if method.strip()]
     if args.allocation != "uniform" or args.mask_score != "sparsegpt":
@@ -393,8 +406,10 @@ def _run(args: argparse.Namespace) -> int | None:
         )
     config = _config(args, "sparsegpt")
     if args.command == "sweep":
-        return _sweep(args, methods, config, evaluations, progress)
-    comparison = sparsegpt.compare(args.model, methods, config, args.calib, evaluations, args.dtype, progress)
+        return _sweep(args, methods, config, evaluations, zero_shot, progress)
+    comparison = sparsegpt.compare(
+        args.model, methods, config, args.calib, evaluations, args.dtype, progress, zero_shot
+    )
     if args.report:
         atomic.write_json_atomically(args.report, comparison)
     print(
@@ -405,6 +420,78 @@ def _run(args: argparse.Namespace) -> int | None:
         print(f"perplexity{_scored_in(precision)}")
 
 
+def _zero_shot(args: argparse.Namespace) -> Any:
+    """The ``ZeroShot`` of ``--tasks``/``--limit`` (None without ``--tasks``)."""
+    import sparsegpt
+    from sparsegpt.zeroshot import parse_tasks
+
+    if args.tasks is None:
+        if args.limit is not None:
+            raise SparseGPTError("--limit counts the documents of --tasks; give --tasks too")
+        return None
+    return sparsegpt.ZeroShot(parse_tasks(args.tasks), args.limit, args.eval_precision)
+
+
+def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
+    """``sparsegpt eval``: perplexity on ``--data``, zero-shot scores of ``--tasks``, or both."""
+    import sparsegpt
+    from sparsegpt.zeroshot import check_tasks
+
+    if args.data is None and zero_shot is None:
+        raise SparseGPTError("eval needs --data (perplexity), --tasks (zero-shot) or both")
+    evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows, args.eval_precision) if args.data else None
+    streamed = args.stream or args.offload_dir
+    if streamed and args.runtime == "sparse":
+        raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
+    if streamed and zero_shot is not None:
+        raise SparseGPTError("--stream scores perplexity only; zero-shot tasks run on a model held in memory")
+    out: dict[str, Any] = {}
+    if streamed:
+        source = args.model
+        out["data"], out["ppl"] = sparsegpt.evaluate_streamed(
+            args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
+        )
+        out["eval_precision"] = "model"
+    else:
+        if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
+            raise SparseGPTError("--runtime sparse runs on the CPU")
+        if zero_shot is not None:
+            check_tasks(zero_shot.tasks)  # before the model loads
+        model, tokenizer, source = sparsegpt.load_model(args.model, args.dtype, args.runtime)
+        model = model.to(resolve_device(args.device))
+        if evaluation is not None:
+            out["data"], out["ppl"] = sparsegpt.evaluate(model, tokenizer, evaluation, progress=progress)
+            precision = resolve_eval_precision(evaluation.precision, model)  # measured and cached: as scored
+            out["eval_precision"] = precision or "model"
+        if zero_shot is not None:
+            scores, out["tasks_precision"] = sparsegpt.evaluate_tasks(model, tokenizer, zero_shot, progress)
+            out["tasks"] = {name: score.as_dict() for name, score in scores.items()}
+            out["tasks_average_acc"] = sum(score.acc for score in scores.values()) / len(scores)
+    if args.json:
+        print(json.dumps({"model": source, **out}))
+        return
+    if "ppl" in out:
+        print(f"{out['data']}: perplexity {out['ppl']:.3f} ({source}{_scored_in(out['eval_precision'])})")
+    if "tasks" in out:
+        print(f"zero-shot tasks, {source}{_scored_in(out['tasks_precision'])}:")
+        print(_tasks_table(out["tasks"], out["tasks_average_acc"]))
+
+
+def _tasks_table(tasks: dict[str, dict[str, Any]], average: float) -> str:
+    """One line per task: documents, acc and acc_norm with their standard errors; then the mean acc."""
+
+    def cell(figures: dict[str, Any], key: str) -> str:
+        value = figures.get(key)
+        return f"{value:>8.4f} ± {figures[key + '_stderr']:.4f}" if value is not None else f"{'-':>17}"
+
+    lines = [f"{'task':<16} {'docs':>6} {'acc':>17} {'acc_norm':>17}"]
+    for name, figures in tasks.items():
+        extra = f"  (perplexity {figures['perplexity']:.2f})" if "perplexity" in figures else ""
+        lines.append(f"{name:<16} {figures['docs']:>6} {cell(figures, 'acc')} {cell(figures, 'acc_norm')}{extra}")
+    lines.append(f"{'mean acc':<16} {'':>6} {average:>8.4f}")
+    return "\n".join(lines)
+
+
 def _scored_in(precision: str) -> str:
     """What a perplexity line adds about its precision: nothing for the model's own."""
     if precision == "split-bfloat16":
@@ -413,7 +500,12 @@ def _scored_in(precision: str) -> str:
 
 
 def _sweep(
-    args: argparse.Namespace, methods: list[str], config: PruneConfig, evaluations: list[Any], progress: bool
+    args: argparse.Namespace,
+    methods: list[str],
+    config: PruneConfig,
+    evaluations: list[Any],
+    zero_shot: Any,
+    progress: bool,
 ) -> None:
     import sparsegpt
     from sparsegpt.formats import atomic
@@ -423,7 +515,9 @@ def _sweep(
     if not levels:
         raise SparseGPTError("give at least one level with --sparsities or --patterns")
     atomic.check_output_folder(args.output, args.overwrite)
-    result = sparsegpt.sweep(args.model, methods, levels, config, args.calib, evaluations, args.dtype, progress)
+    result = sparsegpt.sweep(
+        args.model, methods, levels, config, args.calib, evaluations, args.dtype, progress, zero_shot
+    )
     table = _sweep_table(result)
 
     def fill(folder: Path) -> None:
@@ -439,20 +533,30 @@ def _sweep(
 
 
 def _sweep_table(result: dict[str, Any]) -> str:
-    """Markdown: one row per method, one column per level (perplexity on the first source)."""
+    """Markdown: one row per method, one column per level: perplexity on the first source, then (with
+    tasks) the mean zero-shot accuracy."""
     rows = result["rows"]
     source = next(iter(rows[0]["ppl"]))
+    scored = _scored_in(result.get("eval_precision", {}).get(source, "model"))
+    tables = [_level_grid(rows, f"perplexity on {source}", scored, lambda row: row["ppl"][source], "{:.3f}")]
+    if "tasks" in rows[0]:
+        title = "zero-shot mean acc over " + ", ".join(rows[0]["tasks"])
+        scored = _scored_in(rows[0]["tasks_precision"])
+        tables.append(_level_grid(rows, title, scored, lambda row: row["tasks_average_acc"], "{:.4f}"))
+    return "\n\n".join(tables)
+
+
+def _level_grid(rows: list[dict[str, Any]], title: str, scored: str, value: Any, form: str) -> str:
     levels = list(dict.fromkeys(row["level"] for row in rows if "level" in row))
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
-    dense = next((row["ppl"][source] for row in rows if row["method"] == "dense"), None)
-    scored = _scored_in(result.get("eval_precision", {}).get(source, "model"))
-    lines = [f"perplexity on {source}" + (f" (dense {dense:.3f})" if dense is not None else "") + scored, ""]
+    dense = next((value(row) for row in rows if row["method"] == "dense"), None)
+    lines = [title + (f" (dense {form.format(dense)})" if dense is not None else "") + scored, ""]
     lines += ["| method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
     for method in methods:
         cells = []
         for text in levels:
             found = next((row for row in rows if row["method"] == method and row.get("level") == text), None)
-            cells.append(f"{found['ppl'][source]:.3f}" if found else "-")
+            cells.append(form.format(value(found)) if found else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -530,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "huggingface_hub", "accelerate"):
+    for noisy in ("transformers", "huggingface_hub", "accelerate", "lm_eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not args.verbose else logging.INFO)
     if args.quiet:
         from transformers.utils import logging as transformers_logging
