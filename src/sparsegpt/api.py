@@ -372,6 +372,8 @@ def _stream_folder(model: str) -> Path:
     """The local transformers folder a streamed run reads (an alias resolves to its cached folder)."""
     if model in assets.MODEL_ALIASES:
         return assets.model_folder(model)
+    if model.endswith(".gguf"):
+        return assets.converted_gguf(Path(model))
     folder = Path(model)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise SparseGPTError(

@@ -36,7 +36,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.gguf import load_gguf
+from sparsegpt.gguf import convert_gguf, gguf_folder
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,12 @@ def model_folder(alias: str) -> Path:
         return target
     gguf = alias_gguf(alias)
     log.info("converting %s into a transformers folder", gguf.name)
-    model, tokenizer = load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    return _publish(build, target)
+    return convert_gguf(gguf, target)
+
+
+def converted_gguf(path: Path) -> Path:
+    """The transformers folder of a user's GGUF file, converted into the cache on first use."""
+    return gguf_folder(path, cache_root() / "models" / "gguf")
 
 
 def alias_gguf(alias: str) -> Path:

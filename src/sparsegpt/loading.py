@@ -10,7 +10,6 @@ from torch import nn
 from sparsegpt import assets
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
-from sparsegpt.gguf import load_gguf
 from sparsegpt.models import resolve_dtype
 
 RUNTIMES = ("dense", "sparse")
@@ -39,11 +38,7 @@ def load_model(spec: str, dtype: str = "auto", runtime: str = "dense") -> tuple[
         return model, tokenizer, assets.MODEL_ALIASES[spec].description
     path = Path(spec)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise SparseGPTError(f"no such GGUF file: {spec}")
-        model, tokenizer = load_gguf(path)
-        if torch_dtype != "auto":
-            model = model.to(torch_dtype)
+        model, tokenizer = _from_pretrained(str(assets.converted_gguf(path)), torch_dtype)
         return model, tokenizer, f"{path.name}, dequantized from GGUF"
     if path.exists() and not path.is_dir():
         raise SparseGPTError(f"{spec} is neither a model folder nor a .gguf file")
