@@ -183,6 +183,7 @@ def prune_streamed(
                 raise SparseGPTError(f"{config.method} needs calibration data")
             layers.extend(_calibrated(skeleton, work, state, config, calibration, offload_dir, progress))
         else:
+            skeleton.release_outside()
             for index in tqdm(range(state["done"], total), desc="pruning blocks", disable=not progress):
                 block = skeleton.load_block(index)
                 records = prune_block(block, chosen_weights(block, config), [], [], device, config, False)
@@ -236,6 +237,7 @@ def _calibrated(
     entering, calls = capture_block_inputs(
         skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches
     )
+    skeleton.release_outside()  # the blocks' inputs are known: the embedding is not needed again
     if state["done"] == total:  # killed while finishing: only the last files are missing
         skeleton.release_block(0)
         return []
@@ -420,12 +422,15 @@ def plan(
     block_peak = biggest["bytes"] + biggest["hessian_bytes"] + solver + forward
     spilled = offload_dir is not None
     resident_activations = 2 * batch_tokens * hidden * size if spilled else activations
+    # the parts outside the blocks are held while the first block's inputs are captured (all of them in
+    # memory then), and dropped while blocks are pruned
+    capture = others + blocks[0]["bytes"] + tokens * hidden * size
     if device.type == "cpu":
-        peaks = {"cpu": PROCESS_BASELINE + others + block_peak + resident_activations}
+        peaks = {"cpu": PROCESS_BASELINE + max(capture, block_peak + resident_activations)}
     else:
         peaks = {
-            str(device): others + block_peak + 2 * batch_tokens * hidden * size,
-            "cpu": PROCESS_BASELINE + resident_activations,
+            str(device): max(capture, block_peak + 2 * batch_tokens * hidden * size),
+            "cpu": PROCESS_BASELINE + max(tokens * hidden * size, resident_activations),
         }
     return {
         "model": str(folder),

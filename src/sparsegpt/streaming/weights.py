@@ -171,8 +171,21 @@ class Skeleton:
         stored = _stored(self.blocks[index])
         return {self.source.key(f"{name}.{key}"): tensor.detach().cpu() for key, tensor in stored.items()}
 
+    def release_outside(self) -> None:
+        """Drop the parameters outside the blocks (the embedding, the output layer: with a large vocabulary
+        the largest tensors of a small model) while blocks are pruned; ``other_tensors`` reads them again."""
+        inside = {id(module) for module in self.blocks.modules()}
+        for module in self.model.modules():
+            if id(module) not in inside:
+                for key, param in list(module._parameters.items()):
+                    if param is not None:
+                        empty = torch.empty_like(param, device="meta")
+                        module._parameters[key] = nn.Parameter(empty, requires_grad=False)
+        self.model.tie_weights()
+
     def other_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors outside the blocks (tied copies once), on the CPU."""
+        """The stored tensors outside the blocks (tied copies once), on the CPU; read from the folder again
+        where ``release_outside`` dropped them (in the skeleton's dtype, as they were loaded)."""
         inside = {id(tensor) for tensor in self.blocks.state_dict(keep_vars=True).values()}
         seen: set[int] = set()
         tensors = {}
@@ -180,6 +193,11 @@ class Skeleton:
             if id(tensor) in inside or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
+            if tensor.device.type == "meta":
+                if key not in self.source:
+                    continue  # tied to a tensor stored under another name
+                read = self.source.read(key)
+                tensor = read.to(self.dtype) if read.is_floating_point() else read
             tensors[self.source.key(key)] = tensor.detach().cpu()
         return tensors
 

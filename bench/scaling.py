@@ -1,0 +1,183 @@
+"""Are larger models easier to prune? Several model sizes × methods × levels, perplexity and zero-shot
+accuracy against dense; and how much calibration text each method needs.
+
+    python bench/scaling.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
+        [--methods sparsegpt,wanda,magnitude] [--levels 0.5,2:4,0.7] [--nsamples 128] [--eval-windows 32]
+        [--tasks arc_easy,...] [--limit 100] [--calibration-sizes 32,128,512]
+        [--calibration-model qwen2.5-coder-0.5b] [--results /tmp/scaling.jsonl] [--plot scaling.png]
+
+For each model, one ``sparsegpt.sweep`` (loaded once, every method at every level pruned from the dense
+weights; calibration ``--nsamples`` × 512 tokens of sotu:train, seed 0) scored on sotu:test (the
+calibration's domain) and enwiki (out of it), ``--eval-windows`` windows of 512 tokens each, and on the
+zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at 50%
+calibrated on each of ``--calibration-sizes`` windows. Each finished sweep is appended to ``--results``
+(JSON lines; a model already there is not run again), so an interrupted run continues. Prints Markdown
+tables (perplexity, mean accuracy, the relative perplexity increase over dense and the accuracy drop) and
+draws ``--plot``: the relative increase against the parameter count, one line per method and level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import sparsegpt
+from sparsegpt import OFFLINE_TASKS, PruneConfig, assets
+
+SOURCES = ("sotu:test", "enwiki")
+
+
+def parameter_count(alias: str) -> int:
+    """Parameters of a model alias (built without weights; tied weights counted once)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(assets.model_folder(alias))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def run_sweep(alias: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace) -> dict:
+    evaluations = [sparsegpt.Evaluation(source, 512, args.eval_windows) for source in SOURCES]
+    tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks else None
+    config = PruneConfig(nsamples=nsamples, seqlen=512)
+    started = time.perf_counter()
+    result = sparsegpt.sweep(alias, methods, levels, config, "sotu:train", evaluations, tasks=tasks)
+    return {"seconds": time.perf_counter() - started, **result}
+
+
+def done(path: Path) -> dict[tuple[str, str, int], dict]:
+    """The sweeps already in ``path``, by (model, kind, calibration windows)."""
+    if not path.is_file():
+        return {}
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(entry["alias"], entry["kind"], entry["nsamples"]): entry for entry in entries}
+
+
+def relative(row: dict, dense: dict, source: str) -> float:
+    return row["ppl"][source] / dense["ppl"][source] - 1
+
+
+def size_table(entries: list[dict]) -> str:
+    """Markdown: model × method × level -> perplexities, their increase over dense, mean acc and its drop."""
+    tasks = "tasks_average_acc" in entries[0]["rows"][0] if entries else False
+    head = "| model | parameters | method | level | sotu:test | enwiki | Δ sotu | Δ enwiki |"
+    head += " mean acc | Δ acc |" if tasks else ""
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for entry in entries:
+        dense = next(row for row in entry["rows"] if row["method"] == "dense")
+        for row in entry["rows"]:
+            level = row.get("level", "-")
+            cells = [f"{row['ppl'][source]:.2f}" for source in SOURCES]
+            cells += ["-" if row is dense else f"{relative(row, dense, source):+.1%}" for source in SOURCES]
+            if tasks:
+                drop = row["tasks_average_acc"] - dense["tasks_average_acc"]
+                cells += [f"{row['tasks_average_acc']:.4f}", "-" if row is dense else f"{drop:+.4f}"]
+            millions = f"{entry['parameters'] / 1e6:.0f}M"
+            lines.append(f"| {entry['alias']} | {millions} | {row['method']} | {level} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibration_table(entries: list[dict]) -> str:
+    """Markdown: calibration windows × method -> perplexity in and out of the calibration's domain."""
+    lines = ["| model | windows | method | level | sotu:test | enwiki | Δ sotu | Δ enwiki | prune s |"]
+    lines.append("|---" * 9 + "|")
+    for entry in sorted(entries, key=lambda entry: entry["nsamples"]):
+        dense = next(row for row in entry["rows"] if row["method"] == "dense")
+        for row in entry["rows"]:
+            if row["method"] not in ("sparsegpt", "wanda") or row.get("level") != "0.5":
+                continue
+            cells = [f"{row['ppl'][source]:.2f}" for source in SOURCES]
+            cells += [f"{relative(row, dense, source):+.1%}" for source in SOURCES]
+            lines.append(
+                f"| {entry['alias']} | {entry['nsamples']} | {row['method']} | {row['level']} | "
+                + " | ".join(cells)
+                + f" | {row['prune_seconds']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict], path: Path) -> None:
+    """Relative perplexity increase over dense against parameters, one line per method and level, one
+    panel per evaluation source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, panels = pyplot.subplots(1, len(SOURCES), figsize=(11, 4.5), sharey=True)
+    try:
+        keys = list(
+            dict.fromkeys((row["method"], row["level"]) for e in entries for row in e["rows"] if "level" in row)
+        )
+        for panel, source in zip(panels, SOURCES):
+            for index, (method, level) in enumerate(keys):
+                points = []
+                for entry in sorted(entries, key=lambda entry: entry["parameters"]):
+                    dense = next(row for row in entry["rows"] if row["method"] == "dense")
+                    found = [r for r in entry["rows"] if r["method"] == method and r.get("level") == level]
+                    if found:
+                        points.append((entry["parameters"], relative(found[0], dense, source)))
+                style = {"0.5": "-", "2:4": "--"}.get(level, ":")
+                panel.plot(
+                    *zip(*points), marker="o", linestyle=style, color=f"C{index // 3}", label=f"{method} {level}"
+                )
+            panel.set_xscale("log")
+            panel.set_yscale("log")
+            panel.set_xlabel("parameters")
+            panel.set_title(f"perplexity increase over dense, {source}", fontsize=9)
+            panel.grid(True, which="both", alpha=0.3)
+        panels[0].set_ylabel("ppl / dense ppl - 1")
+        panels[-1].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+    finally:
+        pyplot.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
+    parser.add_argument("--methods", default="sparsegpt,wanda,magnitude")
+    parser.add_argument("--levels", default="0.5,2:4,0.7")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--tasks", default=",".join(OFFLINE_TASKS), help="empty: no zero-shot tasks")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--calibration-sizes", default="32,128,512", help="empty: skip this part")
+    parser.add_argument("--calibration-model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--results", type=Path, default=Path("/tmp/scaling.jsonl"))
+    parser.add_argument("--plot", type=Path, default=Path("scaling.png"))
+    args = parser.parse_args()
+    methods, levels = args.methods.split(","), args.levels.split(",")
+    plans = [(alias, "sizes", args.nsamples, methods, levels) for alias in args.models.split(",")]
+    for size in filter(None, args.calibration_sizes.split(",")):
+        plans.append((args.calibration_model, "calibration", int(size), ["sparsegpt", "wanda"], ["0.5"]))
+    for alias, kind, nsamples, its_methods, its_levels in plans:
+        if (alias, kind, nsamples) in done(args.results):
+            continue
+        if kind == "calibration" and (alias, "sizes", nsamples) in done(args.results):
+            continue  # the size sweep at this calibration already holds these rows
+        result = run_sweep(alias, its_methods, its_levels, nsamples, args)
+        entry = {"alias": alias, "kind": kind, "nsamples": nsamples, "parameters": parameter_count(alias), **result}
+        with args.results.open("a") as sink:
+            sink.write(json.dumps(entry) + "\n")
+        print(f"{alias} ({kind}, {nsamples} windows): {entry['seconds']:.0f} s", flush=True)
+    entries = done(args.results)
+    sizes = [entry for (alias, kind, _), entry in entries.items() if kind == "sizes"]
+    calibrations = [entry for (alias, kind, _), entry in entries.items() if kind == "calibration"]
+    calibrations += [e for e in sizes if e["alias"] == args.calibration_model]  # its size sweep: one more size
+    print(size_table(sorted(sizes, key=lambda entry: entry["parameters"])))
+    if calibrations:
+        print()
+        print(calibration_table(calibrations))
+    if sizes:
+        plot(sizes, args.plot)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
