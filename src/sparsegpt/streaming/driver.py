@@ -167,7 +167,7 @@ def prune_streamed(
     work = partial_folder(out)
     started = time.perf_counter()
     with ExitStack() as stack:
-        skeleton = open_skeleton(folder, dtype, device, stack)
+        skeleton = open_skeleton(folder, dtype, device, stack, output_layer=False)
         config = replace(config, forward_dtype=resolve_forward_dtype(config, skeleton.dtype, device))
         fingerprint = _fingerprint(folder, config, calibration, skeleton.dtype, device)
         state = _start(work, fingerprint, resume, overwrite)
@@ -402,14 +402,16 @@ def plan(
                     "widest_output": max((rows for rows, _ in shapes), default=0),
                 }
             )
-        others = (
-            sum(
-                p.numel()
-                for name, p in skeleton.model.named_parameters()
-                if not name.startswith(f"{skeleton.list_name}.")
-            )
-            * size
-        )
+        head, embedding = skeleton.model.get_output_embeddings(), skeleton.model.get_input_embeddings()
+        own_head = {id(p) for p in head.parameters()} if head is not None else set()
+        own_head -= {id(p) for p in embedding.parameters()} if embedding is not None else set()  # tied
+        outside = [
+            (id(p) in own_head, p.numel())
+            for name, p in skeleton.model.named_parameters()
+            if not name.startswith(f"{skeleton.list_name}.")
+        ]
+        others = sum(count for _, count in outside) * size
+        others_but_head = sum(count for is_head, count in outside if not is_head) * size
         weights_on_disk = skeleton.source.nbytes()
     hidden = config_hidden or 0
     tokens = config.nsamples * config.seqlen if config.needs_calibration else 0
@@ -424,7 +426,7 @@ def plan(
     resident_activations = 2 * batch_tokens * hidden * size if spilled else activations
     # the parts outside the blocks are held while the first block's inputs are captured (all of them in
     # memory then), and dropped while blocks are pruned
-    capture = others + blocks[0]["bytes"] + tokens * hidden * size
+    capture = others_but_head + blocks[0]["bytes"] + tokens * hidden * size  # an untied output layer stays unread
     if device.type == "cpu":
         peaks = {"cpu": PROCESS_BASELINE + max(capture, block_peak + resident_activations)}
     else:

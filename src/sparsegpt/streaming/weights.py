@@ -240,10 +240,16 @@ def _to_meta(module: nn.Module) -> None:
 
 
 def open_skeleton(
-    folder: Path, dtype: torch.dtype | str, device: torch.device, stack: ExitStack, load: bool = True
+    folder: Path,
+    dtype: torch.dtype | str,
+    device: torch.device,
+    stack: ExitStack,
+    load: bool = True,
+    output_layer: bool = True,
 ) -> Skeleton:
     """Build ``folder``'s model without weights and (with ``load``) load everything outside its decoder
-    blocks onto ``device``."""
+    blocks onto ``device``; without ``output_layer``, all but an output layer of its own (pruning never
+    runs it; a tied one is the embedding and loads with it)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -262,6 +268,9 @@ def open_skeleton(
     if not load:
         return Skeleton(model, list_name, blocks, source, dtype, device)
     inside = {id(module) for module in blocks.modules()}
+    head = model.get_output_embeddings()
+    if not output_layer and head is not None:
+        inside.add(id(head))
     for path, module in model.named_modules():
         if id(module) in inside:
             continue
@@ -276,10 +285,11 @@ def open_skeleton(
             if buffer is not None:
                 module._buffers[key] = buffer.to(device)
     model.tie_weights()
+    skipped = {id(param) for param in head.parameters()} if not output_layer and head is not None else set()
     missing = [
         name
         for name, param in model.named_parameters()
-        if param.device.type == "meta" and not name.startswith(f"{list_name}.")
+        if param.device.type == "meta" and not name.startswith(f"{list_name}.") and id(param) not in skipped
     ]
     if missing:
         raise SparseGPTError(f"{folder}: the weights lack tensor {missing[0]}")
