@@ -43,3 +43,22 @@ def test_a_gguf_file_that_is_not_one_gets_one_line_and_leaves_nothing(tmp_path):
     with pytest.raises(SparseGPTError, match="no such GGUF file"):
         gguf.gguf_folder(tmp_path / "absent.gguf", tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_gguf_file_prunes_streamed_and_evaluates_from_its_cached_conversion(tmp_path, monkeypatch, capsys):
+    from sparsegpt.cli import main
+
+    path = assets.alias_gguf("smollm2-135m")
+    monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text("The economy grew, and the nation prospered in peace. " * 40)
+    out = tmp_path / "pruned"
+    code = main(["-q", "prune", str(path), "-o", str(out), "--stream", "--method", "magnitude"])
+    assert code == 0, capsys.readouterr().err
+    converted = list((tmp_path / "cache" / "models" / "gguf").iterdir())
+    assert len(converted) == 1 and converted[0].name.startswith(path.stem)
+    report = json.loads((out / "sparsegpt_report.json").read_text())
+    assert report["streamed"] and abs(report["sparsity"] - 0.5) < 1e-6
+    capsys.readouterr()
+    code = main(["-q", "eval", str(path), "--data", str(tmp_path / "text.txt"), "--seqlen", "64", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["ppl"] > 1
+    assert list((tmp_path / "cache" / "models" / "gguf").iterdir()) == converted  # converted once
