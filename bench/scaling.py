@@ -10,7 +10,7 @@ For each model, one ``sparsegpt.sweep`` (loaded once, every method at every leve
 weights; calibration ``--nsamples`` × 512 tokens of sotu:train, seed 0) scored on sotu:test (the
 calibration's domain) and enwiki (out of it), ``--eval-windows`` windows of 512 tokens each, and on the
 zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at 50%
-calibrated on each of ``--calibration-sizes`` windows. Each finished sweep is appended to ``--results``
+calibrated on each of ``--calibration-sizes`` windows (perplexity only). Each finished sweep is appended to ``--results``
 (JSON lines; a model already there is not run again), so an interrupted run continues. Prints Markdown
 tables (perplexity, mean accuracy, the relative perplexity increase over dense and the accuracy drop) and
 draws ``--plot``: the relative increase against the parameter count, one line per method and level.
@@ -40,9 +40,11 @@ def parameter_count(alias: str) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def run_sweep(alias: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace) -> dict:
+def run_sweep(
+    alias: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace, with_tasks: bool
+) -> dict:
     evaluations = [sparsegpt.Evaluation(source, 512, args.eval_windows) for source in SOURCES]
-    tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks else None
+    tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks and with_tasks else None
     config = PruneConfig(nsamples=nsamples, seqlen=512)
     started = time.perf_counter()
     result = sparsegpt.sweep(alias, methods, levels, config, "sotu:train", evaluations, tasks=tasks)
@@ -161,7 +163,7 @@ def main() -> None:
             continue
         if kind == "calibration" and (alias, "sizes", nsamples) in done(args.results):
             continue  # the size sweep at this calibration already holds these rows
-        result = run_sweep(alias, its_methods, its_levels, nsamples, args)
+        result = run_sweep(alias, its_methods, its_levels, nsamples, args, with_tasks=kind == "sizes")
         entry = {"alias": alias, "kind": kind, "nsamples": nsamples, "parameters": parameter_count(alias), **result}
         with args.results.open("a") as sink:
             sink.write(json.dumps(entry) + "\n")

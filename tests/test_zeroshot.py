@@ -59,6 +59,23 @@ def test_the_harness_through_this_project_gives_its_own_models_numbers(folder):
     assert ours["arc_easy"].acc_norm is not None and ours["boolq"].acc_norm is None
 
 
+def test_streamed_tasks_score_as_the_model_held_in_memory(folder, tmp_path, capsys):
+    names = list(zeroshot.OFFLINE_TASKS)
+    zero_shot = sparsegpt.ZeroShot(names, LIMIT, "model", batch_size=3)
+    model, tokenizer, _ = sparsegpt.load_model(str(folder))
+    held, _ = sparsegpt.evaluate_tasks(model, tokenizer, zero_shot)
+    streamed, precision = sparsegpt.evaluate_tasks_streamed(str(folder), zero_shot, offload_dir=tmp_path / "spill")
+    assert precision == "model" and list(streamed) == names
+    for name in names:
+        assert (streamed[name].acc, streamed[name].acc_norm) == (held[name].acc, held[name].acc_norm), name
+    assert streamed["lambada"].perplexity == pytest.approx(held["lambada"].perplexity, rel=1e-4)
+    out = tmp_path / "pruned"
+    argv = ["-q", "prune", str(folder), "-o", str(out), "--stream", "--method", "magnitude"]
+    assert main([*argv, "--tasks", "piqa", "--limit", "2"]) == 0
+    report = json.loads((out / "sparsegpt_report.json").read_text())
+    assert report["tasks"]["piqa"]["docs"] == 2 and "piqa" in capsys.readouterr().out
+
+
 def test_the_offline_tasks_read_whole_splits_from_the_cache_with_the_harness_prompts():
     from lm_eval.api.task import ConfigurableTask
 
@@ -103,7 +120,6 @@ def test_bad_task_input_gets_one_line_and_exit_2(folder, capsys, tmp_path, monke
         "limit 0": (["eval", model, "--tasks", "arc_easy", "--limit", "0"], "at least 1"),
         "limit alone": (["eval", model, "--data", "sotu:test", "--limit", "5"], "give --tasks too"),
         "nothing to score": (["eval", model], "--data (perplexity), --tasks"),
-        "streamed tasks": (["eval", model, "--tasks", "piqa", "--stream"], "perplexity only"),
     }
     for case, (argv, message) in cases.items():
         code = main(["-q", *argv])

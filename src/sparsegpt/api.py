@@ -26,6 +26,7 @@ from sparsegpt.pipeline import prune_model, resolve_forward_dtype
 from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
 from sparsegpt.zeroshot import TaskScore, ZeroShot, average_accuracy, check_tasks, evaluate_tasks
+from sparsegpt.zeroshot import evaluate_tasks_streamed as _tasks_streamed
 
 log = logging.getLogger(__name__)
 
@@ -414,11 +415,13 @@ def prune_streamed(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    tasks: ZeroShot | None = None,
 ) -> Any:
     """Prune a model folder into ``out`` one decoder block at a time (see ``sparsegpt.streaming.driver``):
     memory holds one block, its Hessians and the calibration activations (or, with ``offload_dir``, one
-    batch of them). ``resume`` continues an interrupted run. Perplexities of ``evaluations`` are
-    measured on the output, streamed the same way, into ``result.report["ppl"]``."""
+    batch of them). ``resume`` continues an interrupted run. Perplexities of ``evaluations`` and zero-shot
+    scores of ``tasks`` are measured on the output, streamed the same way, into ``result.report``
+    ("ppl", "tasks")."""
     config = config or PruneConfig()
     folder = _stream_folder(model)
     model_config = read_config(folder)
@@ -430,7 +433,9 @@ def prune_streamed(
         raise SparseGPTError(f"{config.method} needs a calibration source")
     calib_text = data.load_text(calibration, data.CALIBRATION) if config.needs_calibration and calibration else None
     eval_texts = [data.load_text(evaluation.source, data.EVALUATION) for evaluation in evaluations]
-    tokenizer = load_tokenizer(str(folder)) if calib_text or eval_texts else None
+    if tasks is not None:
+        check_tasks(tasks.tasks)
+    tokenizer = load_tokenizer(str(folder)) if calib_text or eval_texts or tasks else None
     windows = None
     if calib_text is not None:
         seqlen = capped_seqlen(model_config, config.seqlen)
@@ -457,9 +462,37 @@ def prune_streamed(
         run.report["ppl"][text.name] = streamed.perplexity_streamed(
             run.out, scored, dtype=torch_dtype, device=torch_device, offload_dir=offload, progress=progress
         )
-    if run.report["ppl"]:
+    if tasks is not None:
+        scores, precision = _tasks_streamed(
+            run.out, tokenizer, tasks, dtype=torch_dtype, device=torch_device, offload_dir=offload, progress=progress
+        )
+        run.report.update(_task_details(scores, precision))
+    if run.report["ppl"] or tasks is not None:
         write_json_atomically(run.out / REPORT_NAME, run.report)
     return run
+
+
+def evaluate_tasks_streamed(
+    model: str,
+    tasks: ZeroShot,
+    dtype: str = "auto",
+    device: str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, TaskScore], str]:
+    """Zero-shot scores of a model folder (or alias, or GGUF file) holding one decoder block in memory at a
+    time; returns them and the precision ("model")."""
+    check_tasks(tasks.tasks)
+    folder = _stream_folder(model)
+    return _tasks_streamed(
+        folder,
+        load_tokenizer(str(folder)),
+        tasks,
+        dtype=resolve_dtype(dtype),
+        device=resolve_device(device),
+        offload_dir=Path(offload_dir) if offload_dir else None,
+        progress=progress,
+    )
 
 
 def evaluate_streamed(

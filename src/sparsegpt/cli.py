@@ -363,9 +363,7 @@ def _run(args: argparse.Namespace) -> int | None:
     if streamed and (ranks is not None or args.processes > 1):
         raise SparseGPTError("--stream runs in one process; several processes prune a model held in memory")
     if streamed:
-        if zero_shot is not None:
-            raise SparseGPTError("--stream scores perplexity only; zero-shot tasks run on a model held in memory")
-        _prune_streamed(args, evaluations, progress)
+        _prune_streamed(args, evaluations, zero_shot, progress)
         return
     if args.command == "prune" and args.processes > 1 and ranks is None:
         device = resolve_device(args.device)
@@ -443,15 +441,22 @@ def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
     streamed = args.stream or args.offload_dir
     if streamed and args.runtime == "sparse":
         raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
-    if streamed and zero_shot is not None:
-        raise SparseGPTError("--stream scores perplexity only; zero-shot tasks run on a model held in memory")
     out: dict[str, Any] = {}
     if streamed:
         source = args.model
-        out["data"], out["ppl"] = sparsegpt.evaluate_streamed(
-            args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
-        )
-        out["eval_precision"] = "model"
+        if zero_shot is not None:
+            check_tasks(zero_shot.tasks)  # before any block is read
+        if evaluation is not None:
+            out["data"], out["ppl"] = sparsegpt.evaluate_streamed(
+                args.model, evaluation, args.dtype, args.device, args.offload_dir, progress
+            )
+            out["eval_precision"] = "model"
+        if zero_shot is not None:
+            scores, out["tasks_precision"] = sparsegpt.evaluate_tasks_streamed(
+                args.model, zero_shot, args.dtype, args.device, args.offload_dir, progress
+            )
+            out["tasks"] = {name: score.as_dict() for name, score in scores.items()}
+            out["tasks_average_acc"] = sum(score.acc for score in scores.values()) / len(scores)
     else:
         if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
             raise SparseGPTError("--runtime sparse runs on the CPU")
@@ -577,7 +582,7 @@ def _launch(processes: int, argv: list[str]) -> int:
     return subprocess.call([*command, "-m", "sparsegpt", *argv])
 
 
-def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: bool) -> None:
+def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], zero_shot: Any, progress: bool) -> None:
     import sparsegpt
 
     config = _config(args, args.method)
@@ -602,6 +607,7 @@ def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: 
         args.resume,
         args.overwrite,
         progress,
+        zero_shot,
     )
     print(_layer_table(run.layers))
     resumed = f", resumed after block {run.resumed_at}" if run.resumed_at is not None else ""
@@ -610,6 +616,9 @@ def _prune_streamed(args: argparse.Namespace, evaluations: list[Any], progress: 
     )
     for name, value in run.report.get("ppl", {}).items():
         print(f"perplexity on {name}: {value:.3f}")
+    if "tasks" in run.report:
+        print("zero-shot tasks:")
+        print(_tasks_table(run.report["tasks"], run.report["tasks_average_acc"]))
 
 
 def _plan_text(plan: dict[str, Any]) -> str:

@@ -268,6 +268,89 @@ def _quiet_datasets(progress: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def evaluate_tasks_streamed(
+    folder: Path,
+    tokenizer: Any,
+    zero_shot: ZeroShot,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | None = None,
+    offload_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, TaskScore], str]:
+    """Zero-shot scores of the model in ``folder`` holding one decoder block at a time (in the model's own
+    precision): every request of the harness's call goes through each block together, their hidden states
+    kept in memory or, with ``offload_dir``, in files there."""
+    from sparsegpt.streaming.weights import open_skeleton
+
+    with contextlib.ExitStack() as stack, torch.no_grad(), _quiet_datasets(progress):
+        skeleton = open_skeleton(folder, dtype, device or torch.device("cpu"), stack)
+        lm = _streamed_harness_model(skeleton, tokenizer, zero_shot.batch_size, offload_dir, progress)
+        return run_harness(lm, zero_shot.tasks, zero_shot.limit), "model"
+
+
+def _streamed_harness_model(
+    skeleton: Any, tokenizer: Any, batch_size: int, offload_dir: Path | None, progress: bool
+) -> Any:
+    """``HFLM`` (its tokenization and request handling) over a streamed skeleton, whose scoring of
+    token requests goes through the blocks one at a time (``loglikelihoods_streamed``)."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise SparseGPTError(INSTALL_HINT) from None
+
+    class StreamedHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: Any = None) -> list:
+            return loglikelihoods_streamed(skeleton, requests, self.max_length, batch_size, offload_dir, progress)
+
+    lm = StreamedHFLM(
+        pretrained=skeleton.model, tokenizer=tokenizer, batch_size=batch_size, device=str(skeleton.device)
+    )
+    lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=not progress)
+    return lm
+
+
+def loglikelihoods_streamed(
+    skeleton: Any,
+    requests: list[tuple[Any, list[int], list[int]]],
+    max_length: int,
+    batch_size: int,
+    offload_dir: Path | None = None,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """(log-likelihood of the continuation, whether it is the greedy one) of each (key, context tokens,
+    continuation tokens) request, as the harness's transformers model scores them: the last
+    ``max_length`` tokens of context + continuation less its last token in, the continuation's
+    log-probabilities summed. Requests are batched longest first, right-padded (a causal model's earlier
+    positions do not see the padding)."""
+    from sparsegpt.streaming.driver import logits_streamed
+
+    inputs = [
+        ((context + continuation)[-(max_length + 1) :][:-1], continuation) for _, context, continuation in requests
+    ]
+    order = sorted(range(len(inputs)), key=lambda index: -len(inputs[index][0]))
+    groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = []
+    for group in groups:
+        batch = torch.zeros(len(group), len(inputs[group[0]][0]), dtype=torch.long)
+        for row, index in enumerate(group):
+            batch[row, : len(inputs[index][0])] = torch.tensor(inputs[index][0])
+        batches.append(batch.to(skeleton.device))
+    results: list[tuple[float, bool]] = [(math.nan, False)] * len(requests)
+
+    def score(number: int, logits: torch.Tensor) -> None:
+        for row, index in enumerate(groups[number]):
+            tokens, continuation = inputs[index]
+            end = len(tokens)
+            logprobs = torch.log_softmax(logits[row, end - len(continuation) : end].float(), dim=-1)
+            target = torch.tensor(continuation, device=logprobs.device)
+            greedy = bool((logprobs.argmax(dim=-1) == target).all())
+            results[index] = (float(logprobs.gather(1, target[:, None]).sum()), greedy)
+
+    logits_streamed(skeleton, batches, score, offload_dir, "zero-shot requests (streamed)", progress)
+    return results
+
+
 def average_accuracy(scores: dict[str, TaskScore]) -> float:
     """Mean accuracy over tasks (each task weighs the same)."""
     return sum(score.acc for score in scores.values()) / len(scores) if scores else math.nan

@@ -336,35 +336,52 @@ def perplexity_streamed(
 ) -> float:
     """Perplexity of the model in ``folder`` on ``windows``, holding one decoder block at a time."""
     device = device or torch.device("cpu")
+    sums: list[torch.Tensor] = []
     with ExitStack() as stack:
         skeleton = open_skeleton(folder, dtype, device, stack)
         batches = list(windows.to(device).split(batch_size))
-        total = len(skeleton.blocks)
-        template: list[Any] = []
-        first = skeleton.load_block(0)
-        entering, calls = capture_block_inputs(
-            skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches, template
-        )
-        if offload_dir is not None:
-            offload_dir.mkdir(parents=True, exist_ok=True)
-        hidden = Activations(len(batches), device, offload_dir)
-        hidden.fill(entering)
-        del entering
-        block: Block | None = first
-        del first
-        for index in tqdm(range(total), desc="perplexity (streamed)", disable=not progress):
-            block = block or skeleton.load_block(index)
-            advance_block(block, hidden, calls[index])
-            block = None
-            hidden.commit()
-            hidden.drop_old()
-            skeleton.release_block(index)
-        sums = []
-        for batch, final in zip(batches, hidden):
-            logits = logits_after_blocks(skeleton.model, list(skeleton.blocks), batch, final, template[0])
-            sums.extend(nll_of_logits(logits, batch))
-        hidden.clear()
+
+        def score(index: int, logits: torch.Tensor) -> None:
+            sums.extend(nll_of_logits(logits, batches[index]))
+
+        logits_streamed(skeleton, batches, score, offload_dir, "perplexity (streamed)", progress)
     return perplexity_of(torch.cat(sums), windows)
+
+
+@torch.no_grad()
+def logits_streamed(
+    skeleton: Skeleton,
+    batches: list[torch.Tensor],
+    consume: Any,
+    offload_dir: Path | None = None,
+    description: str = "blocks (streamed)",
+    progress: bool = False,
+) -> None:
+    """Run token ``batches`` (each its own length) through ``skeleton``'s blocks, one block in memory at a
+    time, then call ``consume(index, logits)`` for each batch in order (logits are not kept)."""
+    total = len(skeleton.blocks)
+    template: list[Any] = []
+    first = skeleton.load_block(0)
+    entering, calls = capture_block_inputs(
+        skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches, template
+    )
+    if offload_dir is not None:
+        offload_dir.mkdir(parents=True, exist_ok=True)
+    hidden = Activations(len(batches), skeleton.device, offload_dir)
+    hidden.fill(entering)
+    del entering
+    block: Block | None = first
+    del first
+    for index in tqdm(range(total), desc=description, disable=not progress):
+        block = block or skeleton.load_block(index)
+        advance_block(block, hidden, calls[index])
+        block = None
+        hidden.commit()
+        hidden.drop_old()
+        skeleton.release_block(index)
+    for index, (batch, final) in enumerate(zip(batches, hidden)):
+        consume(index, logits_after_blocks(skeleton.model, list(skeleton.blocks), batch, final, template[0]))
+    hidden.clear()
 
 
 PROCESS_BASELINE = 600 * 2**20
