@@ -74,6 +74,15 @@ def test_streamed_tasks_score_as_the_model_held_in_memory(folder, tmp_path, caps
     assert main([*argv, "--tasks", "piqa", "--limit", "2"]) == 0
     report = json.loads((out / "sparsegpt_report.json").read_text())
     assert report["tasks"]["piqa"]["docs"] == 2 and "piqa" in capsys.readouterr().out
+    scored = {}
+    for runtime in ("dense", "sparse"):  # the pruned folder run from its compact encoding scores the same
+        argv = ["-q", "eval", str(out), "--tasks", "piqa,lambada", "--limit", "2", "--json", "--runtime", runtime]
+        assert main([*argv, "--eval-precision", "model"]) == 0
+        scored[runtime] = json.loads(capsys.readouterr().out)["tasks"]
+    assert scored["sparse"]["piqa"]["acc"] == scored["dense"]["piqa"]["acc"]
+    assert scored["sparse"]["lambada"]["perplexity"] == pytest.approx(
+        scored["dense"]["lambada"]["perplexity"], rel=1e-4
+    )
 
 
 def test_the_offline_tasks_read_whole_splits_from_the_cache_with_the_harness_prompts():
