@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +81,23 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return {name: read_tensor(path, start, name, entry) for name, entry in header.items()}
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file written tensor by tensor (no serialized copy of the whole file in memory)."""
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to be written that is read only when its turn comes (``read()``), so that a file of many
+    large tensors never holds more than one of them in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor | LazyTensor], path: Path) -> None:
+    """A safetensors file written tensor by tensor (no serialized copy of the whole file in memory); a
+    ``LazyTensor`` is read as it is written."""
     header: dict[str, Any] = {}
     offset = 0
     for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+        size = math.prod(tensor.shape) * itemsize(tensor.dtype)
         header[name] = {
             "dtype": _NAMES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -96,12 +109,16 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with path.open("wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
-        for tensor in tensors.values():
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        for name, tensor in tensors.items():
+            real = tensor.read() if isinstance(tensor, LazyTensor) else tensor
+            if real.dtype != tensor.dtype or tuple(real.shape) != tuple(tensor.shape):
+                raise SparseGPTError(f"{name}: read as {real.dtype} {list(real.shape)}, announced otherwise")
+            flat = real.detach().to("cpu").contiguous().reshape(-1)
             handle.write(memoryview(flat.view(torch.uint8).numpy()))
+            del real, flat
 
 
-def save_durably(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_durably(tensors: Mapping[str, torch.Tensor | LazyTensor], path: Path) -> None:
     """Write a safetensors file through a temporary name, flushed to disk before it takes its name."""
     temporary = path.with_name(f".{path.name}.tmp")
     write_safetensors(tensors, temporary)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
-from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, read_header, read_tensor
+from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, LazyTensor, read_header, read_tensor
 from sparsegpt.models import Block, config_dtype, find_block_list, find_weights, prefer_eager_experts, read_config
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,10 @@ class Skeleton:
                         module._parameters[key] = nn.Parameter(empty, requires_grad=False)
         self.model.tie_weights()
 
-    def other_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors outside the blocks (tied copies once), on the CPU; read from the folder again
-        where ``release_outside`` dropped them (in the skeleton's dtype, as they were loaded)."""
+    def other_tensors(self) -> dict[str, torch.Tensor | LazyTensor]:
+        """The stored tensors outside the blocks (tied copies once), on the CPU; where ``release_outside``
+        dropped them (or they were never loaded), to be read from the folder again one at a time as they
+        are written (in the skeleton's dtype, as they were loaded)."""
         inside = {id(tensor) for tensor in self.blocks.state_dict(keep_vars=True).values()}
         seen: set[int] = set()
         tensors = {}
@@ -196,10 +198,17 @@ class Skeleton:
             if tensor.device.type == "meta":
                 if key not in self.source:
                     continue  # tied to a tensor stored under another name
-                read = self.source.read(key)
-                tensor = read.to(self.dtype) if read.is_floating_point() else read
-            tensors[self.source.key(key)] = tensor.detach().cpu()
+                tensors[self.source.key(key)] = LazyTensor(tensor.dtype, tuple(tensor.shape), self._reader(key))
+            else:
+                tensors[self.source.key(key)] = tensor.detach().cpu()
         return tensors
+
+    def _reader(self, key: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            tensor = self.source.read(key)
+            return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+        return read
 
 
 def _stored(module: nn.Module) -> dict[str, torch.Tensor]:
