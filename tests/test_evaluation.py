@@ -126,3 +126,44 @@ def test_reports_name_the_precision_they_were_scored_in(monkeypatch, tmp_path):
     assert value == result.ppl["text.txt"]
     _, exact = sparsegpt.evaluate(result.model, tokenizer, evaluations[1])
     assert (exact != value) == MIXED and exact == pytest.approx(value, rel=0.01)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("source", ["sotu:train", "enwiki"])
+def test_long_texts_tokenize_in_pieces_to_the_ids_of_the_whole(source, monkeypatch):
+    from sparsegpt import assets, data
+    from sparsegpt.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(assets.model_folder("smollm2-135m")))
+    text = data.load_text(source, data.CALIBRATION)
+    whole = torch.tensor(tokenizer(text.content, return_attention_mask=False, verbose=False)["input_ids"])
+    monkeypatch.setattr(data, "TOKENIZE_PIECE", 1 << 16)  # many cuts
+    assert len(data._cuts(text.content, tokenizer)) > 5
+    assert torch.equal(data.tokenize(text, tokenizer), whole)
+
+
+@pytest.mark.parametrize("prefix_space", [False, True])
+def test_pieces_are_cut_only_where_the_ids_stay_those_of_the_whole(monkeypatch, prefix_space):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sparsegpt import data
+
+    # a byte-level BPE that (with prefix_space) adds a space before a text that does not start with one: a
+    # piece starting with a word would then tokenize differently from the whole
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["the quick brown fox.", "the lazy dog jumps."] * 10, trainer)
+    backend.post_processor = None
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    text = data.Text("tiny", ("the quick brown fox.\n\n  the lazy dog jumps.\n\n" * 400).strip())
+    monkeypatch.setattr(data, "TOKENIZE_PIECE", 1 << 10)
+    whole = torch.tensor(tokenizer(text.content)["input_ids"])
+    assert torch.equal(data.tokenize(text, tokenizer), whole)
+    cuts = data._cuts(text.content, tokenizer)
+    # with the added space, only cuts before a text that starts with a space keep the ids
+    assert cuts and all(text.content[cut] == " " for cut in cuts) == prefix_space
