@@ -65,7 +65,7 @@ def relative(row: dict, dense: dict, source: str) -> float:
 
 def size_table(entries: list[dict]) -> str:
     """Markdown: model × method × level -> perplexities, their increase over dense, mean acc and its drop."""
-    tasks = "tasks_average_acc" in entries[0]["rows"][0] if entries else False
+    tasks = any("tasks_average_acc" in row for entry in entries for row in entry["rows"])
     head = "| model | parameters | method | level | sotu:test | enwiki | Δ sotu | Δ enwiki |"
     head += " mean acc | Δ acc |" if tasks else ""
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -75,7 +75,9 @@ def size_table(entries: list[dict]) -> str:
             level = row.get("level", "-")
             cells = [f"{row['ppl'][source]:.2f}" for source in SOURCES]
             cells += ["-" if row is dense else f"{relative(row, dense, source):+.1%}" for source in SOURCES]
-            if tasks:
+            if tasks and "tasks_average_acc" not in row:
+                cells += ["-", "-"]  # this model's sweep scored no tasks
+            elif tasks:
                 drop = row["tasks_average_acc"] - dense["tasks_average_acc"]
                 cells += [f"{row['tasks_average_acc']:.4f}", "-" if row is dense else f"{drop:+.4f}"]
             millions = f"{entry['parameters'] / 1e6:.0f}M"
