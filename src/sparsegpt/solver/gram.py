@@ -178,17 +178,8 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
 
     16-bit inputs with a float32 ``out`` on the CPU go to the native mixed-precision product where
     torch's library has it; every other combination multiplies in ``out``'s precision."""
-    routine = _routine(left.dtype) if out.device.type == "cpu" and out.dtype == torch.float32 else None
-    if routine is not None and right.dtype == left.dtype and left.shape[0] > 0:
-        left, right = _row_major(left), _row_major(right)
-        tokens, (m, n) = left.shape[0], out.shape
-        (lda, ldb, ldc) = left.stride(0), right.stride(0), out.stride(0)
-        if out.stride(1) == 1 and _addressable((tokens, lda), (tokens, ldb), (m, ldc)):
-            # row-major C (m × n) = 1·Aᵀ B + 1·C: A is (tokens × m), B (tokens × n)
-            a, b, c = left.data_ptr(), right.data_ptr(), out.data_ptr()
-            routine(_ROW_MAJOR, _TRANSPOSE, _NO_TRANSPOSE, m, n, tokens, 1.0, a, lda, b, ldb, 1.0, c, ldc)
-            return
-    out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
+    if not _mixed_product(out, left, right, transpose_left=True, beta=1.0):
+        out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
 
 
 def linear_product(out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, accumulate: bool = False) -> None:
@@ -196,19 +187,29 @@ def linear_product(out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
     ``weight`` (n, k) of one 16-bit dtype and a float32 ``out`` (tokens, n): the products of a linear layer,
     exact and summed in float32, with no copy of either operand where their rows are unit-stride. MKL's
     mixed-precision routine where torch's library has it, else in float32 after widening them."""
-    routine = _routine(inputs.dtype) if out.device.type == "cpu" and out.dtype == torch.float32 else None
-    if routine is not None and weight.dtype == inputs.dtype and inputs.shape[0] > 0:
-        inputs, weight = _row_major(inputs), _row_major(weight)
-        (tokens, k), n = inputs.shape, weight.shape[0]
-        (lda, ldb, ldc) = inputs.stride(0), weight.stride(0), out.stride(0)
-        if out.stride(1) == 1 and _addressable((tokens, lda), (n, ldb), (tokens, ldc)):
-            # row-major C (tokens × n) = 1·A Bᵀ + β·C: A is (tokens × k), B (n × k)
-            a, b, c = inputs.data_ptr(), weight.data_ptr(), out.data_ptr()
-            beta = 1.0 if accumulate else 0.0
-            routine(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE, tokens, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
-            return
-    product = inputs.to(out.dtype) @ weight.to(out.dtype).T
-    out.add_(product) if accumulate else out.copy_(product)
+    if not _mixed_product(out, inputs, weight, transpose_left=False, beta=1.0 if accumulate else 0.0):
+        product = inputs.to(out.dtype) @ weight.to(out.dtype).T
+        out.add_(product) if accumulate else out.copy_(product)
+
+
+def _mixed_product(
+    out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose_left: bool, beta: float
+) -> bool:
+    """``out = leftᵀ · right + β·out`` (``transpose_left``) or ``out = left · rightᵀ + β·out`` by MKL's
+    16-bit × 16-bit → float32 routine, for a row-major float32 ``out`` on the CPU; False, with nothing
+    done, where the routine does not apply (then the caller multiplies in float32)."""
+    routine = _routine(left.dtype) if out.device.type == "cpu" and out.dtype == torch.float32 else None
+    if routine is None or right.dtype != left.dtype or left.shape[0] == 0 or out.stride(1) != 1:
+        return False
+    left, right = _row_major(left), _row_major(right)
+    (lda, ldb, ldc) = left.stride(0), right.stride(0), out.stride(0)
+    if not _addressable((left.shape[0], lda), (right.shape[0], ldb), (out.shape[0], ldc)):
+        return False
+    (m, n), k = out.shape, left.shape[0] if transpose_left else left.shape[1]
+    transposes = (_TRANSPOSE, _NO_TRANSPOSE) if transpose_left else (_NO_TRANSPOSE, _TRANSPOSE)
+    a, b, c = left.data_ptr(), right.data_ptr(), out.data_ptr()
+    routine(_ROW_MAJOR, *transposes, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+    return True
 
 
 def split_bfloat16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
