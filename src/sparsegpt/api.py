@@ -25,7 +25,7 @@ from sparsegpt.perplexity import check_eval_precision, perplexity, resolve_eval_
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
 from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
-from sparsegpt.zeroshot import TaskScore, ZeroShot, average_accuracy, check_tasks, evaluate_tasks
+from sparsegpt.zeroshot import TaskScore, ZeroShot, check_tasks, evaluate_tasks, task_summary
 from sparsegpt.zeroshot import evaluate_tasks_streamed as _tasks_streamed
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PruneResult:
             self.model_source,
             ppl=self.ppl,
             eval_precision=self.eval_precision,
-            **_task_details(self.tasks, self.tasks_precision),
+            **task_summary(self.tasks, self.tasks_precision),
             calibration=self.calibration,
         )
 
@@ -103,18 +103,6 @@ class PruneResult:
                 shutil.rmtree(plain)
 
         write_folder_atomically(out, fill, overwrite)
-
-
-def _task_details(scores: dict[str, TaskScore], precision: str | None) -> dict[str, Any]:
-    """What a report or a row says of zero-shot scores: each task's figures, their mean accuracy and the
-    precision they were scored in (nothing when no task was scored)."""
-    if not scores:
-        return {}
-    return {
-        "tasks": {name: score.as_dict() for name, score in scores.items()},
-        "tasks_average_acc": average_accuracy(scores),
-        "tasks_precision": precision,
-    }
 
 
 def quant_specs(model: nn.Module, layers: list[LayerRecord], config: PruneConfig) -> dict[str, compact.QuantSpec]:
@@ -356,7 +344,7 @@ def _run_entries(
         for name, windows, asked in prepared.evaluations:
             row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
         if tasks is not None:
-            row.update(_task_details(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
+            row.update(task_summary(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
         rows.append(row)
         log.info("%s: %s", method, row)
     return {
@@ -466,7 +454,7 @@ def prune_streamed(
         scores, precision = _tasks_streamed(
             run.out, tokenizer, tasks, dtype=torch_dtype, device=torch_device, offload_dir=offload, progress=progress
         )
-        run.report.update(_task_details(scores, precision))
+        run.report.update(task_summary(scores, precision))
     if run.report["ppl"] or tasks is not None:
         write_json_atomically(run.out / REPORT_NAME, run.report)
     return run

@@ -433,7 +433,7 @@ def _zero_shot(args: argparse.Namespace) -> Any:
 def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
     """``sparsegpt eval``: perplexity on ``--data``, zero-shot scores of ``--tasks``, or both."""
     import sparsegpt
-    from sparsegpt.zeroshot import check_tasks
+    from sparsegpt.zeroshot import check_tasks, task_summary
 
     if args.data is None and zero_shot is None:
         raise SparseGPTError("eval needs --data (perplexity), --tasks (zero-shot) or both")
@@ -452,11 +452,13 @@ def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
             )
             out["eval_precision"] = "model"
         if zero_shot is not None:
-            scores, out["tasks_precision"] = sparsegpt.evaluate_tasks_streamed(
-                args.model, zero_shot, args.dtype, args.device, args.offload_dir, progress
+            out.update(
+                task_summary(
+                    *sparsegpt.evaluate_tasks_streamed(
+                        args.model, zero_shot, args.dtype, args.device, args.offload_dir, progress
+                    )
+                )
             )
-            out["tasks"] = {name: score.as_dict() for name, score in scores.items()}
-            out["tasks_average_acc"] = sum(score.acc for score in scores.values()) / len(scores)
     else:
         if args.runtime == "sparse" and resolve_device(args.device).type != "cpu":
             raise SparseGPTError("--runtime sparse runs on the CPU")
@@ -469,9 +471,7 @@ def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
             precision = resolve_eval_precision(evaluation.precision, model)  # measured and cached: as scored
             out["eval_precision"] = precision or "model"
         if zero_shot is not None:
-            scores, out["tasks_precision"] = sparsegpt.evaluate_tasks(model, tokenizer, zero_shot, progress)
-            out["tasks"] = {name: score.as_dict() for name, score in scores.items()}
-            out["tasks_average_acc"] = sum(score.acc for score in scores.values()) / len(scores)
+            out.update(task_summary(*sparsegpt.evaluate_tasks(model, tokenizer, zero_shot, progress)))
     if args.json:
         print(json.dumps({"model": source, **out}))
         return

@@ -155,18 +155,25 @@ def _cuts(content: str, tokenizer: object) -> list[int]:
     cuts: list[int] = []
     target = TOKENIZE_PIECE
     while target < len(content) - TOKENIZE_PIECE:
-        found = content.find("\n\n", target, target + TOKENIZE_PIECE)
-        while found != -1 and (not cuts or cuts[-1] < target):
-            # after the break (a tokenizer that keeps newlines together) or inside it (one that keeps the
-            # last newline with what follows)
-            for cut in (found + 2, found + 1):
-                left, right = content[cut - CUT_CHECK : cut], content[cut : cut + CUT_CHECK]
-                if _plain_ids(tokenizer, left + right) == _plain_ids(tokenizer, left) + _plain_ids(tokenizer, right):
-                    cuts.append(cut)
-                    break
-            found = content.find("\n\n", found + 2, target + TOKENIZE_PIECE)
-        target = (cuts[-1] if cuts and cuts[-1] >= target else target) + TOKENIZE_PIECE
+        cut = _cut_after(content, tokenizer, target)
+        if cut is not None:
+            cuts.append(cut)
+        target = (cut or target) + TOKENIZE_PIECE
     return cuts
+
+
+def _cut_after(content: str, tokenizer: object, start: int) -> int | None:
+    """The first accepted cut at a paragraph break within ``TOKENIZE_PIECE`` characters from ``start``: just
+    after the break (a tokenizer that keeps newlines together) or inside it (one that keeps the last newline
+    with what follows); None where there is none."""
+    found = content.find("\n\n", start, start + TOKENIZE_PIECE)
+    while found != -1:
+        for cut in (found + 2, found + 1):
+            left, right = content[cut - CUT_CHECK : cut], content[cut : cut + CUT_CHECK]
+            if _plain_ids(tokenizer, left + right) == _plain_ids(tokenizer, left) + _plain_ids(tokenizer, right):
+                return cut
+        found = content.find("\n\n", found + 2, start + TOKENIZE_PIECE)
+    return None
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -354,3 +354,16 @@ def loglikelihoods_streamed(
 def average_accuracy(scores: dict[str, TaskScore]) -> float:
     """Mean accuracy over tasks (each task weighs the same)."""
     return sum(score.acc for score in scores.values()) / len(scores) if scores else math.nan
+
+
+def task_summary(scores: dict[str, TaskScore], precision: str | None) -> dict[str, Any]:
+    """What a report, a row or ``eval --json`` says of zero-shot scores: each task's figures ("tasks"),
+    their mean accuracy ("tasks_average_acc") and the precision they were scored in ("tasks_precision");
+    nothing when no task was scored."""
+    if not scores:
+        return {}
+    return {
+        "tasks": {name: score.as_dict() for name, score in scores.items()},
+        "tasks_average_acc": average_accuracy(scores),
+        "tasks_precision": precision,
+    }

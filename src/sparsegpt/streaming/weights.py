@@ -178,10 +178,7 @@ class Skeleton:
         inside = {id(module) for module in self.blocks.modules()}
         for module in self.model.modules():
             if id(module) not in inside:
-                for key, param in list(module._parameters.items()):
-                    if param is not None:
-                        empty = torch.empty_like(param, device="meta")
-                        module._parameters[key] = nn.Parameter(empty, requires_grad=False)
+                _own_to_meta(module)
         self.model.tie_weights()
 
     def other_tensors(self) -> dict[str, torch.Tensor | LazyTensor]:
@@ -243,9 +240,14 @@ def _materialize(
 
 def _to_meta(module: nn.Module) -> None:
     for owner in module.modules():
-        for key, param in list(owner._parameters.items()):
-            if param is not None:
-                owner._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        _own_to_meta(owner)
+
+
+def _own_to_meta(owner: nn.Module) -> None:
+    """``owner``'s own parameters (not its children's) back on the meta device."""
+    for key, param in list(owner._parameters.items()):
+        if param is not None:
+            owner._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
 
 
 def open_skeleton(
