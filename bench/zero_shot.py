@@ -26,13 +26,10 @@ from sparsegpt import assets, zeroshot
 from sparsegpt.loading import load_model
 
 
-def scored(lm_or_model, tokenizer, zero_shot: sparsegpt.ZeroShot) -> tuple[dict, float, str]:
-    """(scores as dicts, seconds, precision) through this project, or through a ready harness model."""
+def timed(call) -> tuple[dict, float, str]:
+    """(scores as dicts, seconds, precision) of ``call()``, which returns (scores, precision)."""
     started = time.perf_counter()
-    if tokenizer is None:
-        scores, precision = zeroshot.run_harness(lm_or_model, zero_shot.tasks, zero_shot.limit), "harness"
-    else:
-        scores, precision = sparsegpt.evaluate_tasks(lm_or_model, tokenizer, zero_shot)
+    scores, precision = call()
     return {name: score.as_dict() for name, score in scores.items()}, time.perf_counter() - started, precision
 
 
@@ -52,9 +49,9 @@ def main() -> None:
         from lm_eval.models.huggingface import HFLM
 
         folder = assets.model_folder(args.model) if args.model in assets.MODEL_ALIASES else args.model
-        ours = scored(model, tokenizer, sparsegpt.ZeroShot(tasks, args.limit, "model"))
+        ours = timed(lambda: sparsegpt.evaluate_tasks(model, tokenizer, sparsegpt.ZeroShot(tasks, args.limit, "model")))
         harness_lm = HFLM(pretrained=str(folder), dtype=torch.float32, device="cpu", batch_size=8)
-        theirs = scored(harness_lm, None, sparsegpt.ZeroShot(tasks, args.limit))
+        theirs = timed(lambda: (zeroshot.run_harness(harness_lm, tasks, args.limit), "harness"))
         del harness_lm
         for way, (scores, seconds, precision) in (("this project", ours), ("HFLM(folder)", theirs)):
             runs.append({"way": way, "limit": args.limit, "precision": precision, "seconds": seconds, "tasks": scores})
@@ -68,7 +65,9 @@ def main() -> None:
         worst = max(gaps, key=gaps.get)
         print(json.dumps({"largest_difference": worst, "value": gaps[worst]}))
     for limit in [args.limit] + ([None] if args.full else []):
-        scores, seconds, precision = scored(model, tokenizer, sparsegpt.ZeroShot(tasks, limit))
+        scores, seconds, precision = timed(
+            lambda: sparsegpt.evaluate_tasks(model, tokenizer, sparsegpt.ZeroShot(tasks, limit))  # noqa: B023
+        )
         runs.append({"way": "sparsegpt eval --tasks", "limit": limit, "precision": precision, "seconds": seconds,
                      "tasks": scores})  # fmt: skip
         print(json.dumps(runs[-1]))

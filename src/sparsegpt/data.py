@@ -103,8 +103,8 @@ def _hub_text(name: str, split: str) -> str:
 
 
 TOKENIZE_PIECE = 1 << 18
-"""Characters of a long text tokenized at once (a fast tokenizer holds about 150 bytes per character of
-what it is given: 1.3 GB for the 10 MB of sotu:train)."""
+"""Characters of a long text tokenized at once (a fast tokenizer's working memory grows with what it is
+given: 1.28 GiB for the 10 MB of sotu:train at once, bench/tokenize_memory.py)."""
 CUT_CHECK = 512
 """Characters on each side of a cut that are tokenized whole and in halves to check the cut."""
 
