@@ -9,7 +9,8 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml src/sparsegpt/formats/_cdecode.c src/sparsegpt/formats/_encoding.h src/sparsegpt/runtime/_kernels.c
+$(VENV)/.installed: pyproject.toml src/sparsegpt/formats/_cdecode.c src/sparsegpt/formats/_encoding.h src/sparsegpt/runtime/_kernels.c \
+		src/sparsegpt/solver/_gram.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)

@@ -5,7 +5,9 @@ MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the curren
 Hessians' Gram product XᵀX (4096 tokens, widths 576 and 1536; float32, and bf16 inputs summed in float32
 by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of the
 upper block triangle (``add_block_triangle``) as a share of the whole product's (what ``TRIANGLE_BLOCKS``
-is set by), and for float32 that of MKL's symmetric rank-k update (what ``add_gram`` uses where it can);
+is set by), for float32 that of MKL's symmetric rank-k update (what ``add_gram`` uses where it can), and
+for bf16 that of the AVX512-BF16 kernel's exact upper triangle (``_native_gram``, where the processor has
+it: ``add_gram`` takes it where it measures faster than MKL's routine);
 then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky factorization, the
 triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
 identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from common import median_seconds
 
-from sparsegpt.solver.gram import _syrk, add_block_triangle, add_product
+from sparsegpt.solver.gram import _native, _native_gram, _syrk, add_block_triangle, add_product
 from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
 
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
@@ -49,7 +51,8 @@ def gram_gflops(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -
 
 def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 9) -> dict[int | str, float]:
     """For column blocks of 128-512: the upper block triangle's time over the whole product's, calls
-    interleaved; and ``"rank_update"``: MKL's symmetric rank-k update's, where it exists for ``dtype``."""
+    interleaved; ``"rank_update"``: MKL's symmetric rank-k update's, where it exists for ``dtype``; and
+    ``"native_triangle"``: the AVX512-BF16 kernel's, for bf16 where the processor has it."""
     rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
     whole, shares = [], {}
     for block in (128, 192, 256, 384, 512):
@@ -61,6 +64,9 @@ def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 
     if update is not None:
         whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
         shares["rank_update"] = median_seconds(lambda: update(gram, rows), repeats)
+    if dtype == torch.bfloat16 and _native() is not None:
+        whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
+        shares["native_triangle"] = median_seconds(lambda: _native_gram(gram, rows), repeats)
     reference = statistics.median(whole)
     return {block: round(seconds / reference, 2) for block, seconds in shares.items()}
 

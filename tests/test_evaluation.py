@@ -35,7 +35,13 @@ def test_host_rates_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert matmul_rates(tmp_path) == MatmulRates(100.0, 400.0, 200.0) and len(calls) == 1  # from the file
     stored = json.loads((tmp_path / host.RATES_FILE).read_text())
     assert list(stored) == [host.host_key()]
-    assert stored[host.host_key()] == {"float32": 100.0, "bfloat16": 400.0, "split_bfloat16": 200.0}
+    assert stored[host.host_key()] == {
+        "float32": 100.0,
+        "bfloat16": 400.0,
+        "split_bfloat16": 200.0,
+        "mkl_mixed": 0.0,
+        "native_mixed": 0.0,
+    }
     assert fast_bfloat16(CPU, tmp_path) and fast_split_bfloat16(CPU, tmp_path) == MIXED
     (tmp_path / host.RATES_FILE).write_text("{not json")  # a damaged cache is measured anew
     monkeypatch.setattr(host, "measure_matmul_rates", lambda *a, **k: MatmulRates(100.0, 120.0, 110.0))

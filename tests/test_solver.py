@@ -161,6 +161,79 @@ def test_torch_builds_with_mkl_give_the_native_mixed_precision_product():
     assert not gram.native_mixed_gram(torch.float32)
 
 
+needs_native = pytest.mark.skipif(gram._native() is None, reason="no AVX512-BF16 (or no _gram extension) here")
+
+
+def exact_sums(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """leftᵀ·right in float64 and the sums of the products' magnitudes (the scale of float32 rounding)."""
+    return left.double().T @ right.double(), left.double().abs().T @ right.double().abs()
+
+
+@needs_native
+@pytest.mark.parametrize("tokens, width", [(1, 1), (3, 5), (17, 47), (600, 49), (513, 96), (1025, 577)])
+def test_native_gram_sums_exactly_the_upper_triangle(tokens, width):
+    # odd token counts (a pair with a zero), widths off the 48-column panels and 8-row tiles, 2+ chunks
+    rows = torch.randn(tokens + 3, width + 2).bfloat16()[3:, 1:-1]  # a sliced operand, row stride width + 2
+    out = torch.full((width + 4, width + 6), 0.5)
+    view = out[2 : 2 + width, 3 : 3 + width]  # a view with a row stride of width + 6
+    gram._native_gram(view, rows)
+    product, scale = exact_sums(rows, rows)
+    upper = torch.ones(width, width, dtype=torch.bool).triu()
+    error = (view.double() - 0.5 - product).abs()
+    assert (error[upper] <= 2.0**-22 * scale[upper] * (tokens + 1)).all()  # float32 sums of exact products
+    outside = torch.ones_like(out, dtype=torch.bool)
+    outside[2 : 2 + width, 3 : 3 + width] = ~upper
+    assert (out[outside] == 0.5).all()  # below the diagonal and around the view: untouched
+
+
+@needs_native
+@pytest.mark.parametrize("tokens, k, n", [(1, 1, 1), (5, 3, 7), (9, 64, 49), (100, 577, 97), (20, 1100, 50)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_native_linear_matches_the_exact_product(tokens, k, n, accumulate):
+    inputs = torch.randn(tokens, k + 1).bfloat16()[:, 1:]  # row stride k + 1
+    weight = gram.mixed_weight(torch.randn(n, k).bfloat16(), "native")
+    assert weight.packed is not None
+    out = torch.full((tokens, n + 2), 0.25)
+    gram.mixed_linear(out[:, 1:-1], inputs, weight, accumulate=accumulate)
+    product, scale = exact_sums(inputs.T, weight.matrix.T)
+    error = (out[:, 1:-1].double() - 0.25 * accumulate - product).abs()
+    assert (error <= 2.0**-22 * (scale + 1) * (k + 1)).all()
+    assert (out[:, 0] == 0.25).all() and (out[:, -1] == 0.25).all()
+
+
+@needs_native
+def test_gram_statistics_agree_whichever_backend_multiplies(monkeypatch):
+    inputs = torch.randn(2, 300, 200)
+    results = []
+    for backend in ("native", "mkl"):
+        monkeypatch.setattr(gram, "mixed_backend", lambda dtype, backend=backend: backend)
+        stats = InputStatistics(200, operands=torch.bfloat16)
+        for batch in inputs:
+            stats.add(batch)
+        results.append(stats.hessian())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0], results[0].T)
+
+
+def test_the_faster_measured_backend_multiplies(monkeypatch):
+    from sparsegpt import host
+
+    available = gram.mixed_backends(torch.bfloat16)
+    for mkl, native in ((100.0, 300.0), (300.0, 100.0)):
+        rates = host.MatmulRates(100.0, 400.0, 200.0, mkl_mixed=mkl, native_mixed=native)
+        monkeypatch.setattr(host, "matmul_rates", lambda cache=None, rates=rates: rates)
+        gram.mixed_backend.cache_clear()
+        try:
+            chosen = gram.mixed_backend(torch.bfloat16)
+        finally:
+            gram.mixed_backend.cache_clear()
+        if len(available) == 2:
+            assert chosen == ("native" if native > mkl else "mkl")
+        else:
+            assert chosen == (available[0] if available else None)  # one, or none: nothing to measure
+    assert "native" not in gram.mixed_backends(torch.float16)
+
+
 @pytest.mark.parametrize("width", [24, 600])  # 600: the Gram matrix is summed in two blocks of rows
 def test_statistics_with_16_bit_operands_see_the_rounded_inputs(width):
     inputs = torch.randn(3, 50, width)

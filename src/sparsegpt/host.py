@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,16 @@ def resolve_device(name: str) -> torch.device:
 class MatmulRates:
     """A linear layer's speed on this host in GFLOP/s at the shape of a calibration forward's MLP
     (``PROBE_SHAPE``), with torch's current thread count: ``F.linear`` with float32 and with bfloat16
-    operands, and the split-bfloat16 product perplexity can score with (``gram.split_linear``:
-    two bf16 products summed in float32, counted as the one float32 product they stand for)."""
+    operands; the split-bfloat16 product perplexity can score with (``gram.split_linear``: two bf16
+    products summed in float32, counted as the one float32 product they stand for); and one bf16 × bf16
+    → float32 product by each ``gram.MIXED_BACKENDS`` entry (0 where it is missing), which decides the
+    backend of the split products and of Gram matrices from bf16 inputs (``gram.mixed_backend``)."""
 
     float32: float
     bfloat16: float
     split_bfloat16: float
+    mkl_mixed: float = 0.0
+    native_mixed: float = 0.0
 
     @property
     def bfloat16_speedup(self) -> float:
@@ -82,7 +87,7 @@ PROBE_SHAPE = (512, 576, 1536)
 # products alone they are not worth it
 BFLOAT16_WORTH_IT = 1.5
 RATES_FILE = "host-rates.json"
-RATE_NAMES = ("float32", "bfloat16", "split_bfloat16")
+RATE_NAMES = ("float32", "bfloat16", "split_bfloat16", "mkl_mixed", "native_mixed")
 
 
 def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
@@ -98,7 +103,7 @@ def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
 
 def fast_split_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
     """Whether split-bfloat16 products (``MatmulRates``) on ``device`` beat float32 by ``BFLOAT16_WORTH_IT``:
-    measured on the CPU, where they exist (MKL's bf16 × bf16 → float32 routine); never elsewhere."""
+    measured on the CPU, where they exist (``gram.mixed_backends``); never elsewhere."""
     from sparsegpt.solver.gram import native_mixed_gram
 
     if device.type != "cpu" or not native_mixed_gram(torch.bfloat16):
@@ -123,10 +128,13 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
             pass
     rates = measure_matmul_rates()
     log.info(
-        "this host multiplies at %.0f GFLOP/s in float32, %.0f in bfloat16, %.0f split (cached in %s)",
+        "this host multiplies at %.0f GFLOP/s in float32, %.0f in bfloat16, %.0f split; bf16 into float32 "
+        "%.0f by MKL, %.0f by the AVX512-BF16 kernels (cached in %s)",
         rates.float32,
         rates.bfloat16,
         rates.split_bfloat16,
+        rates.mkl_mixed,
+        rates.native_mixed,
         path,
     )
     known[key] = {name: getattr(rates, name) for name in RATE_NAMES}
@@ -142,21 +150,17 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
 
 def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5) -> MatmulRates:
     """The ``MatmulRates`` at ``shape`` (tokens, width, out features): for each, the best of ``repeats``
-    calls after two warm-up calls (the best, as the machine's rate, not its noise)."""
-    from sparsegpt.solver.gram import split_bfloat16, split_linear
+    calls after two warm-up calls (the best, as the machine's rate, not its noise). The split product
+    runs on the faster mixed backend."""
+    from sparsegpt.solver import gram
 
     tokens, width, features = shape
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(tokens, width, generator=generator)
     weight = torch.randn(features, width, generator=generator)
-    parts = split_bfloat16(weight)
-    calls = (
-        lambda: torch.nn.functional.linear(inputs, weight),
-        lambda: torch.nn.functional.linear(inputs.bfloat16(), weight.bfloat16()),
-        lambda: split_linear(inputs, *parts),
-    )
-    rates = []
-    for call in calls:
+    flops = 2.0 * tokens * width * features
+
+    def rate(call: Callable[[], Any]) -> float:
         best = math.inf
         with torch.no_grad():
             for attempt in range(2 + repeats):
@@ -164,8 +168,22 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
                 call()
                 if attempt >= 2:
                     best = min(best, time.perf_counter() - start)
-        rates.append(2.0 * tokens * width * features / best / 1e9)
-    return MatmulRates(*rates)
+        return flops / best / 1e9
+
+    rows, out = inputs.bfloat16(), torch.empty(tokens, features)
+    mixed = {name: 0.0 for name in gram.MIXED_BACKENDS}
+    for name in gram.mixed_backends(torch.bfloat16):
+        prepared = gram.mixed_weight(weight.bfloat16(), name)
+        mixed[name] = rate(lambda prepared=prepared: gram.mixed_linear(out, rows, prepared))
+    fastest = max(mixed, key=mixed.__getitem__)
+    parts = gram.split_bfloat16(weight, fastest if mixed[fastest] > 0 else None)
+    return MatmulRates(
+        rate(lambda: torch.nn.functional.linear(inputs, weight)),
+        rate(lambda: torch.nn.functional.linear(rows, weight.bfloat16())),
+        rate(lambda: gram.split_linear(inputs, *parts)),
+        mkl_mixed=mixed["mkl"],
+        native_mixed=mixed["native"],
+    )
 
 
 def host_key() -> str:

@@ -51,7 +51,10 @@ def resolve_eval_precision(precision: str, model: nn.Module) -> str | None:
         fast = parameter.dtype == torch.float32 and fast_split_bfloat16(parameter.device)
         return "split-bfloat16" if fast else None
     if precision == "split-bfloat16" and (parameter.device.type != "cpu" or not native_mixed_gram(torch.bfloat16)):
-        raise SparseGPTError("split-bfloat16 scoring needs the CPU and MKL's bf16 product in torch's library")
+        raise SparseGPTError(
+            "split-bfloat16 scoring needs the CPU and a bf16 product into float32 (MKL's in torch's library, "
+            "or this package's AVX512-BF16 kernels)"
+        )
     return None if precision == "model" else precision
 
 

@@ -11,9 +11,13 @@ Products of two bf16 (or fp16) numbers are exact in float32, so what such a Gram
 one computed from float32 inputs is only the rounding of X itself, and under a bf16 forward X is what
 the layer multiplies anyway. torch has no CPU matrix product with 16-bit inputs and a float32 result
 (``torch.mm`` rounds its output to the inputs' precision), but the MKL that torch's CPU build links
-exports one (``cblas_gemm_bf16bf16f32``, ``cblas_gemm_f16f16f32``; on CPUs with AMX or AVX512-BF16 it
-runs at several times the float32 rate). It is used where it exists; elsewhere the inputs are widened
-and multiplied in float32, the same products summed in another order.
+exports one (``cblas_gemm_bf16bf16f32``, ``cblas_gemm_f16f16f32``). On Intel CPUs with AMX it runs at
+several times the float32 rate, but on AMD EPYC (AVX512-BF16) only at the float32 rate, while torch's own
+bf16 products (which round their output to bf16) run 4× faster. For bf16 there is therefore a second
+backend, the AVX512-BF16 kernels of _gram.c (one register tile of dot products, exact products summed
+in float32), and the faster of the two on this host is used, as measured once (``host.matmul_rates``).
+Where neither exists the inputs are widened and multiplied in float32, the same products summed in
+another order.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +109,66 @@ def rank_update_agrees(update: Any, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(result.double(), expected, rtol=1e-4, atol=1e-4))
 
 
+@functools.cache
+def _native() -> Any:
+    """The AVX512-BF16 kernels of _gram.c through ctypes, or None (the optional extension was not built, or
+    this processor lacks AVX512-BF16)."""
+    try:
+        from sparsegpt.solver import _gram
+    except ImportError:
+        return None
+    library = ctypes.CDLL(_gram.__file__)
+    integer, pointer, small = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32
+    library.sgpt_bf16_available.restype = small
+    library.sgpt_bf16_available.argtypes = []
+    library.sgpt_packed_size.restype = integer
+    library.sgpt_packed_size.argtypes = [integer, integer]
+    library.sgpt_pack_bf16.restype = integer
+    library.sgpt_pack_bf16.argtypes = [pointer, integer, integer, integer, pointer]
+    library.sgpt_gram_bf16.restype = integer
+    library.sgpt_gram_bf16.argtypes = [pointer, integer, integer, integer, pointer, integer, small]
+    library.sgpt_linear_bf16.restype = integer
+    library.sgpt_linear_bf16.argtypes = [pointer, integer, integer, integer, pointer, integer, pointer, integer]
+    library.sgpt_linear_bf16.argtypes += [small, small]
+    return library if library.sgpt_bf16_available() else None
+
+
+MIXED_BACKENDS = ("mkl", "native")
+"""The ways 16-bit × 16-bit → float32 products can run: MKL's routine in torch's library, and the
+AVX512-BF16 kernels of _gram.c (bf16 only)."""
+
+
+def mixed_backends(dtype: torch.dtype) -> tuple[str, ...]:
+    """The ``MIXED_BACKENDS`` that multiply ``dtype`` inputs into float32 on this host."""
+    found = ["mkl"] if _routine(dtype) is not None else []
+    if dtype == torch.bfloat16 and _native() is not None:
+        found.append("native")
+    return tuple(found)
+
+
+@functools.cache
+def mixed_backend(dtype: torch.dtype) -> str | None:
+    """The backend that multiplies ``dtype`` inputs into float32 here: the faster of ``mixed_backends`` as
+    measured once per host (``host.matmul_rates``), None where there is none (then float32 products)."""
+    available = mixed_backends(dtype)
+    if len(available) < 2:
+        return available[0] if available else None
+    from sparsegpt.host import matmul_rates  # the host's measured rates (host imports this module)
+
+    rates = matmul_rates()
+    return "native" if rates.native_mixed > rates.mkl_mixed else "mkl"
+
+
 def native_mixed_gram(dtype: torch.dtype) -> bool:
-    """Whether products of ``dtype`` inputs into float32 (Gram matrices by ``add_product``, linear layers by
-    ``linear_product``) run natively (MKL's routine) rather than in float32 after widening them."""
-    return _routine(dtype) is not None
+    """Whether products of ``dtype`` inputs into float32 (Gram matrices by ``add_gram``, linear layers by
+    ``mixed_linear``) run natively (``mixed_backends``) rather than in float32 after widening them."""
+    return bool(mixed_backends(dtype))
+
+
+def _check(status: int, what: str) -> None:
+    """Raise where a native kernel reported an error (a bug here, not bad input: the callers check shapes)."""
+    if status != 0:
+        raise RuntimeError(f"the native {what} kernel failed with status {status}")
 
 
 _INT32_MAX = 2**31 - 1
@@ -139,18 +200,34 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = N
 
     XᵀX is symmetric, so only its upper triangle is needed. Float32/float64 rows on the CPU (with a Gram
     matrix of their precision) go to one symmetric rank-k update, which computes exactly that triangle.
-    Otherwise the matrix is split into column blocks at ``edges`` (by default ``triangle_edges`` for the
+    bf16 rows with a float32 Gram matrix go to the native kernel where it is the faster backend
+    (``mixed_backend``), which also sums exactly the upper triangle. Otherwise the matrix is split into
+    column blocks at ``edges`` (by default ``triangle_edges`` for the
     rows' precision) and only the blocks on and above the diagonal are computed: with k blocks, (k + 1) / 2k
     of the full product's arithmetic. Either way nothing below a diagonal block is touched, and within
     the diagonal blocks only the upper triangle is to be read: ``mirror_gram`` (given the same edges)
     fills in the rest."""
+    cpu = gram.device.type == "cpu" and gram.stride(1) == 1 and rows.shape[0] > 0
+    if cpu and rows.dtype == torch.bfloat16 and gram.dtype == torch.float32 and mixed_backend(rows.dtype) == "native":
+        _native_gram(gram, _row_major(rows))
+        return
     syrk = _syrk(rows.dtype) if gram.device.type == "cpu" and gram.dtype == rows.dtype else None
-    if syrk is not None and rows.shape[0] > 0 and gram.stride(1) == 1:
+    if syrk is not None and cpu:
         rows = _row_major(rows)
         if _addressable((rows.shape[0], rows.stride(0)), (gram.shape[0], gram.stride(0))):
             syrk(gram, rows)
             return
     add_block_triangle(gram, rows, triangle_edges(rows.shape[1], rows.dtype) if edges is None else edges)
+
+
+def _native_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """``gram += rowsᵀ rows`` on and above the diagonal by the AVX512-BF16 kernel (row-major bf16 ``rows``,
+    a float32 ``gram`` with unit column stride)."""
+    tokens, width = rows.shape
+    status = _native().sgpt_gram_bf16(
+        rows.data_ptr(), tokens, width, rows.stride(0), gram.data_ptr(), gram.stride(0), torch.get_num_threads()
+    )
+    _check(status, "Gram")
 
 
 def add_block_triangle(gram: torch.Tensor, rows: torch.Tensor, edges: list[int]) -> None:
@@ -182,13 +259,43 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         out.addmm_(left.T.to(out.dtype), right.to(out.dtype))
 
 
-def linear_product(out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, accumulate: bool = False) -> None:
-    """``out = inputs · weightᵀ`` (``+ out`` when ``accumulate``) in place, for ``inputs`` (tokens, k) and
-    ``weight`` (n, k) of one 16-bit dtype and a float32 ``out`` (tokens, n): the products of a linear layer,
-    exact and summed in float32, with no copy of either operand where their rows are unit-stride. MKL's
-    mixed-precision routine where torch's library has it, else in float32 after widening them."""
-    if not _mixed_product(out, inputs, weight, transpose_left=False, beta=1.0 if accumulate else 0.0):
-        product = inputs.to(out.dtype) @ weight.to(out.dtype).T
+@dataclass(frozen=True)
+class MixedWeight:
+    """A 16-bit weight W (n, k) ready for products with 16-bit inputs summed in float32 (``mixed_linear``):
+    the matrix itself, and for the native backend its packed panels (made once, as _gram.c reads them)."""
+
+    matrix: torch.Tensor
+    packed: torch.Tensor | None = None
+
+
+def mixed_weight(matrix: torch.Tensor, backend: str | None = None) -> MixedWeight:
+    """``matrix`` (n, k, 16-bit) as a ``MixedWeight`` for ``backend`` (by default this host's
+    ``mixed_backend``)."""
+    backend = backend if backend is not None else mixed_backend(matrix.dtype)
+    if backend != "native" or matrix.dtype != torch.bfloat16 or matrix.device.type != "cpu":
+        return MixedWeight(matrix)
+    native, matrix = _native(), _row_major(matrix)
+    (n, k), leading = matrix.shape, matrix.stride(0)
+    packed = torch.empty(native.sgpt_packed_size(n, k), dtype=torch.int32)
+    _check(native.sgpt_pack_bf16(matrix.data_ptr(), n, k, leading, packed.data_ptr()), "packing")
+    return MixedWeight(matrix, packed)
+
+
+def mixed_linear(out: torch.Tensor, inputs: torch.Tensor, weight: MixedWeight, accumulate: bool = False) -> None:
+    """``out = inputs · Wᵀ`` (``+ out`` when ``accumulate``) in place, for ``inputs`` (tokens, k) of W's
+    16-bit dtype and a float32 ``out`` (tokens, n): the products of a linear layer, exact and summed in
+    float32. The native kernels where W was packed for them, else MKL's mixed-precision routine with no
+    copy of either operand where their rows are unit-stride, else in float32 after widening them."""
+    if weight.packed is not None and out.stride(1) == 1 and inputs.shape[0] > 0:
+        inputs, (n, k) = _row_major(inputs), weight.matrix.shape
+        status = _native().sgpt_linear_bf16(
+            inputs.data_ptr(), inputs.shape[0], k, inputs.stride(0), weight.packed.data_ptr(), n,
+            out.data_ptr(), out.stride(0), int(accumulate), torch.get_num_threads(),
+        )  # fmt: skip
+        _check(status, "linear")
+        return
+    if not _mixed_product(out, inputs, weight.matrix, transpose_left=False, beta=1.0 if accumulate else 0.0):
+        product = inputs.to(out.dtype) @ weight.matrix.to(out.dtype).T
         out.add_(product) if accumulate else out.copy_(product)
 
 
@@ -212,26 +319,27 @@ def _mixed_product(
     return True
 
 
-def split_bfloat16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 ``weight`` as two bf16 parts, hi = bf16(w) and lo = bf16(w − hi): hi + lo holds about 16
-    significant bits of each entry."""
+def split_bfloat16(weight: torch.Tensor, backend: str | None = None) -> tuple[MixedWeight, MixedWeight]:
+    """A float32 ``weight`` as two bf16 parts, hi = bf16(w) and lo = bf16(w − hi), each a ``MixedWeight``
+    for ``backend`` (``mixed_weight``): hi + lo holds about 16 significant bits of each entry."""
     high = weight.bfloat16()
-    return high, (weight - high.float()).bfloat16()
+    low = (weight - high.float()).bfloat16()
+    return mixed_weight(high, backend), mixed_weight(low, backend)
 
 
 def split_linear(
-    inputs: torch.Tensor, high: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None = None
+    inputs: torch.Tensor, high: MixedWeight, low: MixedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``inputs · (high + low)ᵀ + bias`` for float32 ``inputs`` (..., k) and a weight split by
     ``split_bfloat16`` (n, k): the inputs rounded to bf16 once, both products exact and summed in float32
-    (``linear_product``)."""
+    (``mixed_linear``)."""
     rows = inputs.reshape(-1, inputs.shape[-1]).bfloat16()
-    out = torch.empty(rows.shape[0], high.shape[0])
-    linear_product(out, rows, high)
-    linear_product(out, rows, low, accumulate=True)
+    out = torch.empty(rows.shape[0], high.matrix.shape[0])
+    mixed_linear(out, rows, high)
+    mixed_linear(out, rows, low, accumulate=True)
     if bias is not None:
         out += bias
-    return out.reshape(*inputs.shape[:-1], high.shape[0])
+    return out.reshape(*inputs.shape[:-1], high.matrix.shape[0])
 
 
 def _row_major(matrix: torch.Tensor) -> torch.Tensor:
