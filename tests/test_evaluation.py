@@ -8,7 +8,8 @@ import torch
 import sparsegpt
 from sparsegpt import Evaluation, host, perplexity
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import MatmulRates, fast_bfloat16, fast_split_bfloat16, matmul_rates
+from sparsegpt.host import MatmulRates, fast_bfloat16, fast_split_bfloat16, float32_linears, matmul_rates
+from sparsegpt.linears import OneDnnLinears, onednn_agrees
 from sparsegpt.perplexity import SplitBfloat16Linears, resolve_eval_precision, scoring_precision
 from sparsegpt.solver.gram import native_mixed_gram
 
@@ -41,6 +42,9 @@ def test_host_rates_are_measured_once_and_cached(tmp_path, monkeypatch):
         "split_bfloat16": 200.0,
         "mkl_mixed": 0.0,
         "native_mixed": 0.0,
+        "onednn_float32": 0.0,
+        "mkl_gram_float32": 0.0,
+        "native_gram_float32": 0.0,
     }
     assert fast_bfloat16(CPU, tmp_path) and fast_split_bfloat16(CPU, tmp_path) == MIXED
     (tmp_path / host.RATES_FILE).write_text("{not json")  # a damaged cache is measured anew
@@ -56,6 +60,55 @@ def test_host_rates_measure_real_products():
     rates = host.measure_matmul_rates((64, 32, 48), repeats=2)
     assert rates.float32 > 0 and rates.bfloat16 > 0 and rates.split_bfloat16 > 0
     assert torch.__version__ in host.host_key() and f"{torch.get_num_threads()} threads" in host.host_key()
+
+
+def test_onednn_linears_give_the_float32_product():
+    assert onednn_agrees()  # torch's CPU builds carry oneDNN
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
+    for inputs in (torch.randn(7, 40, generator=generator), torch.randn(2, 5, 40, generator=generator)[:, ::2]):
+        expected = inputs.double() @ weight.double().T
+        with OneDnnLinears():
+            out = torch.nn.functional.linear(inputs, weight)
+            with_bias = torch.nn.functional.linear(inputs, weight, bias)
+            double = torch.nn.functional.linear(inputs.double(), weight.double())  # not float32: torch's own
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(with_bias.double(), expected + bias.double(), rtol=1e-5, atol=1e-5)
+        assert double.dtype == torch.float64 and torch.equal(
+            double, torch.nn.functional.linear(inputs.double(), weight.double())
+        )
+    trained = torch.nn.Parameter(weight.clone())
+    with OneDnnLinears():
+        torch.nn.functional.linear(torch.randn(3, 40), trained).sum().backward()  # gradients: torch's own
+    assert trained.grad is not None and trained.grad.shape == weight.shape
+
+
+def test_float32_linears_follow_the_measured_rates(tmp_path, monkeypatch):
+    for onednn, chosen in ((200.0, True), (110.0, False), (0.0, False)):  # 1.15x over torch's float32 or more
+        rates = MatmulRates(100.0, 400.0, 200.0, onednn_float32=onednn)
+        monkeypatch.setattr(host, "measure_matmul_rates", lambda *a, rates=rates, **k: rates)
+        (tmp_path / host.RATES_FILE).unlink(missing_ok=True)
+        assert host.fast_onednn_float32(tmp_path) == chosen
+        assert rates.best_float32 == (onednn if chosen else 100.0)
+        assert rates.bfloat16_speedup == 400.0 / rates.best_float32  # bf16 must beat the faster float32
+    monkeypatch.setattr(host, "fast_onednn_float32", lambda cache=None: True)
+    assert isinstance(float32_linears(CPU), OneDnnLinears)
+    assert not isinstance(float32_linears(torch.device("meta")), OneDnnLinears)
+    monkeypatch.setattr(host, "fast_onednn_float32", lambda cache=None: False)
+    assert not isinstance(float32_linears(CPU), OneDnnLinears)
+
+
+def test_the_faster_measured_backend_multiplies(tmp_path, monkeypatch):
+    from sparsegpt.solver import gram
+
+    for mkl, native in ((100.0, 300.0), (300.0, 100.0)):
+        rates = MatmulRates(1.0, 1.0, 1.0, mkl, native, 0.0, mkl, native)
+        monkeypatch.setattr(host, "measure_matmul_rates", lambda *a, rates=rates, **k: rates)
+        (tmp_path / host.RATES_FILE).unlink(missing_ok=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            expected = ("native" if native > mkl else "mkl") if gram.native_available(dtype) else "mkl"
+            assert host.product_backend(dtype, tmp_path) == expected
+    assert host.product_backend(torch.float16, tmp_path) == "mkl"  # no native kernel: nothing measured
 
 
 def test_auto_scores_float32_models_in_bfloat16_only_where_the_host_is_fast(monkeypatch):

@@ -161,7 +161,7 @@ def test_torch_builds_with_mkl_give_the_native_mixed_precision_product():
     assert not gram.native_mixed_gram(torch.float32)
 
 
-needs_native = pytest.mark.skipif(gram._native() is None, reason="no AVX512-BF16 (or no _gram extension) here")
+needs_native = pytest.mark.skipif(not gram.native_available(torch.bfloat16), reason="no AVX512-BF16 here")
 
 
 def exact_sums(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,13 +170,14 @@ def exact_sums(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens, width", [(1, 1), (3, 5), (17, 47), (600, 49), (513, 96), (1025, 577)])
-def test_native_gram_sums_exactly_the_upper_triangle(tokens, width):
+def test_native_gram_sums_exactly_the_upper_triangle(tokens, width, dtype):
     # odd token counts (a pair with a zero), widths off the 48-column panels and 8-row tiles, 2+ chunks
-    rows = torch.randn(tokens + 3, width + 2).bfloat16()[3:, 1:-1]  # a sliced operand, row stride width + 2
+    rows = torch.randn(tokens + 3, width + 2).to(dtype)[3:, 1:-1]  # a sliced operand, row stride width + 2
     out = torch.full((width + 4, width + 6), 0.5)
     view = out[2 : 2 + width, 3 : 3 + width]  # a view with a row stride of width + 6
-    gram._native_gram(view, rows)
+    gram.add_gram(view, rows, backend="native")
     product, scale = exact_sums(rows, rows)
     upper = torch.ones(width, width, dtype=torch.bool).triu()
     error = (view.double() - 0.5 - product).abs()
@@ -192,7 +193,7 @@ def test_native_gram_sums_exactly_the_upper_triangle(tokens, width):
 def test_native_linear_matches_the_exact_product(tokens, k, n, accumulate):
     inputs = torch.randn(tokens, k + 1).bfloat16()[:, 1:]  # row stride k + 1
     weight = gram.mixed_weight(torch.randn(n, k).bfloat16(), "native")
-    assert weight.packed is not None
+    assert weight.packed is not None and gram.mixed_weight(weight.matrix).packed is None  # "mkl": unpacked
     out = torch.full((tokens, n + 2), 0.25)
     gram.mixed_linear(out[:, 1:-1], inputs, weight, accumulate=accumulate)
     product, scale = exact_sums(inputs.T, weight.matrix.T)
@@ -202,36 +203,23 @@ def test_native_linear_matches_the_exact_product(tokens, k, n, accumulate):
 
 
 @needs_native
-def test_gram_statistics_agree_whichever_backend_multiplies(monkeypatch):
+@pytest.mark.parametrize("operands", [torch.bfloat16, None])
+def test_statistics_agree_whichever_backend_sums_them(operands):
     inputs = torch.randn(2, 300, 200)
     results = []
-    for backend in ("native", "mkl"):
-        monkeypatch.setattr(gram, "mixed_backend", lambda dtype, backend=backend: backend)
-        stats = InputStatistics(200, operands=torch.bfloat16)
+    for backend in gram.BACKENDS:
+        stats = InputStatistics(200, operands=operands, backend=backend)
         for batch in inputs:
             stats.add(batch)
         results.append(stats.hessian())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
-    assert torch.equal(results[0], results[0].T)
+    assert torch.equal(results[1], results[1].T)
 
 
-def test_the_faster_measured_backend_multiplies(monkeypatch):
-    from sparsegpt import host
-
-    available = gram.mixed_backends(torch.bfloat16)
-    for mkl, native in ((100.0, 300.0), (300.0, 100.0)):
-        rates = host.MatmulRates(100.0, 400.0, 200.0, mkl_mixed=mkl, native_mixed=native)
-        monkeypatch.setattr(host, "matmul_rates", lambda cache=None, rates=rates: rates)
-        gram.mixed_backend.cache_clear()
-        try:
-            chosen = gram.mixed_backend(torch.bfloat16)
-        finally:
-            gram.mixed_backend.cache_clear()
-        if len(available) == 2:
-            assert chosen == ("native" if native > mkl else "mkl")
-        else:
-            assert chosen == (available[0] if available else None)  # one, or none: nothing to measure
-    assert "native" not in gram.mixed_backends(torch.float16)
+def test_native_kernels_say_what_they_take():
+    assert not gram.native_available(torch.float16) and "native" not in gram.mixed_backends(torch.float16)
+    if gram.native_available(torch.bfloat16):
+        assert gram.native_available(torch.float32) and "native" in gram.mixed_backends(torch.bfloat16)
 
 
 @pytest.mark.parametrize("width", [24, 600])  # 600: the Gram matrix is summed in two blocks of rows

@@ -13,6 +13,7 @@ worker threads).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -61,23 +62,37 @@ class MatmulRates:
     """A linear layer's speed on this host in GFLOP/s at the shape of a calibration forward's MLP
     (``PROBE_SHAPE``), with torch's current thread count: ``F.linear`` with float32 and with bfloat16
     operands; the split-bfloat16 product perplexity can score with (``gram.split_linear``: two bf16
-    products summed in float32, counted as the one float32 product they stand for); and one bf16 × bf16
-    → float32 product by each ``gram.MIXED_BACKENDS`` entry (0 where it is missing), which decides the
-    backend of the split products and of Gram matrices from bf16 inputs (``gram.mixed_backend``)."""
+    products summed in float32, counted as the one float32 product they stand for); the float32 product
+    by oneDNN (``linears.onednn_linear``; 0 where it is missing or disagrees), which replaces torch's where
+    it is faster (``fast_onednn_float32``); and by each of ``gram.BACKENDS`` (0 where it is missing) a
+    bf16 × bf16 → float32 linear product, and a float32 Gram matrix of 2048 tokens (its upper triangle,
+    counted as the whole product), which decide ``product_backend``."""
 
     float32: float
     bfloat16: float
     split_bfloat16: float
     mkl_mixed: float = 0.0
     native_mixed: float = 0.0
+    onednn_float32: float = 0.0
+    mkl_gram_float32: float = 0.0
+    native_gram_float32: float = 0.0
+
+    @property
+    def best_float32(self) -> float:
+        """The float32 rate linear layers run at here (``float32_linears``)."""
+        return self.onednn_float32 if self.onednn_faster else self.float32
+
+    @property
+    def onednn_faster(self) -> bool:
+        return self.onednn_float32 >= ONEDNN_WORTH_IT * self.float32
 
     @property
     def bfloat16_speedup(self) -> float:
-        return self.bfloat16 / self.float32
+        return self.bfloat16 / self.best_float32
 
     @property
     def split_bfloat16_speedup(self) -> float:
-        return self.split_bfloat16 / self.float32
+        return self.split_bfloat16 / self.best_float32
 
 
 # tokens × width → out features: smollm2-135m's up projection over one 512-token window; small enough that
@@ -86,8 +101,19 @@ PROBE_SHAPE = (512, 576, 1536)
 # bf16 forwards also pay for casts and for the parts autocast leaves in float32: below this speed-up of the
 # products alone they are not worth it
 BFLOAT16_WORTH_IT = 1.5
+# below this speed-up over torch's float32 product, oneDNN's does not pay for the Python call around it
+ONEDNN_WORTH_IT = 1.15
 RATES_FILE = "host-rates.json"
-RATE_NAMES = ("float32", "bfloat16", "split_bfloat16", "mkl_mixed", "native_mixed")
+RATE_NAMES = (
+    "float32",
+    "bfloat16",
+    "split_bfloat16",
+    "mkl_mixed",
+    "native_mixed",
+    "onednn_float32",
+    "mkl_gram_float32",
+    "native_gram_float32",
+)
 
 
 def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
@@ -103,12 +129,42 @@ def fast_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
 
 def fast_split_bfloat16(device: torch.device, cache: Path | None = None) -> bool:
     """Whether split-bfloat16 products (``MatmulRates``) on ``device`` beat float32 by ``BFLOAT16_WORTH_IT``:
-    measured on the CPU, where they exist (``gram.mixed_backends``); never elsewhere."""
+    measured on the CPU, where they exist (``gram.mixed_backends``, on ``product_backend``); never elsewhere."""
     from sparsegpt.solver.gram import native_mixed_gram
 
     if device.type != "cpu" or not native_mixed_gram(torch.bfloat16):
         return False
     return matmul_rates(cache).split_bfloat16_speedup >= BFLOAT16_WORTH_IT
+
+
+def product_backend(dtype: torch.dtype, cache: Path | None = None) -> str:
+    """Which of ``gram.BACKENDS`` multiplies ``dtype`` inputs into float32 on the CPU here, for Gram
+    matrices and (bf16) the split-bfloat16 linears: "native" where the processor has those kernels and
+    they measured faster than MKL's (``MatmulRates``), else "mkl" (measured only where both exist)."""
+    from sparsegpt.solver.gram import mixed_backends, native_available
+
+    if not native_available(dtype):
+        return "mkl"
+    rates = matmul_rates(cache)
+    if dtype == torch.float32:
+        return "native" if rates.native_gram_float32 > rates.mkl_gram_float32 else "mkl"
+    if "mkl" not in mixed_backends(dtype):
+        return "native"
+    return "native" if rates.native_mixed > rates.mkl_mixed else "mkl"
+
+
+def fast_onednn_float32(cache: Path | None = None) -> bool:
+    """Whether oneDNN's float32 product measures faster on the CPU than torch's by ``ONEDNN_WORTH_IT``
+    (``float32_linears`` then routes float32 linear layers to it)."""
+    return matmul_rates(cache).onednn_faster
+
+
+def float32_linears(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``linears.OneDnnLinears`` where ``device`` is the CPU and oneDNN's float32 product measures faster
+    than torch's (``fast_onednn_float32``), else nothing."""
+    from sparsegpt.linears import OneDnnLinears
+
+    return OneDnnLinears() if device.type == "cpu" and fast_onednn_float32() else contextlib.nullcontext()
 
 
 def matmul_rates(cache: Path | None = None) -> MatmulRates:
@@ -128,9 +184,10 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
             pass
     rates = measure_matmul_rates()
     log.info(
-        "this host multiplies at %.0f GFLOP/s in float32, %.0f in bfloat16, %.0f split; bf16 into float32 "
-        "%.0f by MKL, %.0f by the AVX512-BF16 kernels (cached in %s)",
+        "this host multiplies at %.0f GFLOP/s in float32 (%.0f by oneDNN), %.0f in bfloat16, %.0f split; bf16 "
+        "into float32 %.0f by MKL, %.0f by the AVX512-BF16 kernels (cached in %s)",
         rates.float32,
+        rates.onednn_float32,
         rates.bfloat16,
         rates.split_bfloat16,
         rates.mkl_mixed,
@@ -152,6 +209,7 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
     """The ``MatmulRates`` at ``shape`` (tokens, width, out features): for each, the best of ``repeats``
     calls after two warm-up calls (the best, as the machine's rate, not its noise). The split product
     runs on the faster mixed backend."""
+    from sparsegpt.linears import onednn_agrees, onednn_linear
     from sparsegpt.solver import gram
 
     tokens, width, features = shape
@@ -171,18 +229,25 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
         return flops / best / 1e9
 
     rows, out = inputs.bfloat16(), torch.empty(tokens, features)
-    mixed = {name: 0.0 for name in gram.MIXED_BACKENDS}
+    mixed = {name: 0.0 for name in gram.BACKENDS}
     for name in gram.mixed_backends(torch.bfloat16):
         prepared = gram.mixed_weight(weight.bfloat16(), name)
         mixed[name] = rate(lambda prepared=prepared: gram.mixed_linear(out, rows, prepared))
-    fastest = max(mixed, key=mixed.__getitem__)
-    parts = gram.split_bfloat16(weight, fastest if mixed[fastest] > 0 else None)
+    parts = gram.split_bfloat16(weight, max(mixed, key=mixed.__getitem__))
+    # the Gram products of 2048 tokens at the same width, counted as the 2·tokens·width² of a whole product
+    tall, square = torch.cat([inputs] * 4), torch.zeros(width, width)
+    grams = {name: 0.0 for name in gram.BACKENDS}
+    for name in gram.BACKENDS if gram.native_available(torch.float32) else ():
+        grams[name] = rate(lambda name=name: gram.add_gram(square, tall, backend=name)) * 4 * width / features
     return MatmulRates(
         rate(lambda: torch.nn.functional.linear(inputs, weight)),
         rate(lambda: torch.nn.functional.linear(rows, weight.bfloat16())),
         rate(lambda: gram.split_linear(inputs, *parts)),
         mkl_mixed=mixed["mkl"],
         native_mixed=mixed["native"],
+        onednn_float32=rate(lambda: onednn_linear(inputs, weight)) if onednn_agrees() else 0.0,
+        mkl_gram_float32=grams["mkl"],
+        native_gram_float32=grams["native"],
     )
 
 

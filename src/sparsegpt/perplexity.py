@@ -27,8 +27,8 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import fast_split_bfloat16
-from sparsegpt.solver.gram import native_mixed_gram, split_bfloat16, split_linear
+from sparsegpt.host import fast_split_bfloat16, float32_linears, product_backend
+from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
 
@@ -67,7 +67,8 @@ class SplitBfloat16Linears(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts: dict[int, tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]] = {}
+        self.parts: dict[int, tuple[nn.Parameter, int, MixedWeight, MixedWeight]] = {}
+        self.backend = product_backend(torch.bfloat16)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -86,18 +87,20 @@ class SplitBfloat16Linears(TorchFunctionMode):
     def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
         known = self.parts.get(id(weight))
         if known is None or known[1] != weight._version:  # (the id is unique: ``parts`` holds the weight)
-            known = (weight, weight._version, *split_bfloat16(weight.detach()))
+            known = (weight, weight._version, *split_bfloat16(weight.detach(), self.backend))
             self.parts[id(weight)] = known
         return split_linear(inputs, known[2], known[3], bias)
 
 
 @contextlib.contextmanager
 def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]:
-    """Score ``model`` as ``precision`` says (None: nothing changes): "split-bfloat16" splits its linear
-    products (``SplitBfloat16Linears``); "bfloat16" autocasts the forward, all but its output layer, which
-    then runs in float32 on float32 inputs."""
+    """Score ``model`` as ``precision`` says (None: its own precision, float32 linear layers by the host's
+    faster product, ``host.float32_linears``): "split-bfloat16" splits its linear products
+    (``SplitBfloat16Linears``); "bfloat16" autocasts the forward, all but its output layer, which then runs
+    in float32 on float32 inputs."""
     if precision is None:
-        yield
+        with float32_linears(next(model.parameters()).device):
+            yield
         return
     if precision == "split-bfloat16":
         with SplitBfloat16Linears():

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sparsegpt.config import PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import fast_bfloat16
+from sparsegpt.host import fast_bfloat16, float32_linears, product_backend
 from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
 from sparsegpt.report import LayerRecord
 from sparsegpt.solver import (
@@ -241,7 +241,8 @@ class LinearInputObserver(TorchFunctionMode):
                 return
             dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
             operands = self.operands if dtype == torch.float32 else None
-            statistics = InputStatistics(inputs.shape[-1], dtype, self.device, self.full, operands)
+            backend = product_backend(operands or dtype) if self.full and self.device.type == "cpu" else "mkl"
+            statistics = InputStatistics(inputs.shape[-1], dtype, self.device, self.full, operands, backend)
             self.statistics[weight.name] = statistics
         elif shared is statistics:
             return
@@ -388,9 +389,10 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
 
 def forward_precision(forward_dtype: str | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Autocast to ``forward_dtype`` for block forwards (a resolved ``PruneConfig.forward_dtype``: see
-    ``resolve_forward_dtype``), or nothing."""
+    ``resolve_forward_dtype``), or the model's own precision, its float32 linear layers by the host's
+    faster product (``host.float32_linears``)."""
     if forward_dtype is None:
-        return contextlib.nullcontext()
+        return float32_linears(device)
     return torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
 
 
@@ -426,7 +428,7 @@ def observe_block(
     operands = getattr(torch, forward_dtype) if forward_dtype is not None else None
     # without ``outputs`` nothing after the last weight's input is needed (see LinearInputObserver)
     observer = LinearInputObserver(weights, device, full, operands, stop_early=outputs is None)
-    with observer, forward_precision(forward_dtype, device):
+    with forward_precision(forward_dtype, device), observer:  # the observer sees each F.linear first
         for states, call in zip(hidden, calls):
             observer.next_batch()
             try:

@@ -12,11 +12,13 @@ one computed from float32 inputs is only the rounding of X itself, and under a b
 the layer multiplies anyway. torch has no CPU matrix product with 16-bit inputs and a float32 result
 (``torch.mm`` rounds its output to the inputs' precision), but the MKL that torch's CPU build links
 exports one (``cblas_gemm_bf16bf16f32``, ``cblas_gemm_f16f16f32``). On Intel CPUs with AMX it runs at
-several times the float32 rate, but on AMD EPYC (AVX512-BF16) only at the float32 rate, while torch's own
-bf16 products (which round their output to bf16) run 4× faster. For bf16 there is therefore a second
-backend, the AVX512-BF16 kernels of _gram.c (one register tile of dot products, exact products summed
-in float32), and the faster of the two on this host is used, as measured once (``host.matmul_rates``).
-Where neither exists the inputs are widened and multiplied in float32, the same products summed in
+several times the float32 rate, but MKL picks its code by the processor's vendor: on AMD EPYC
+(AVX512-BF16) that routine runs only at the float32 rate, and MKL's float32 rank-k update at about half
+of what AVX-512 reaches. Hence a second backend, "native": the AVX-512 kernels of _gram.c (one register
+tile of dot products or fused multiply-adds; for bf16, exact products summed in float32), for Gram
+matrices of bf16 and float32 inputs and for bf16 linear products. Which backend is faster is a fact of
+the host, measured outside the solver (``host.product_backend``) and passed in; "mkl" is the default.
+Where neither applies the inputs are widened and multiplied in float32, the same products summed in
 another order.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,52 +114,51 @@ def rank_update_agrees(update: Any, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _native() -> Any:
-    """The AVX512-BF16 kernels of _gram.c through ctypes, or None (the optional extension was not built, or
-    this processor lacks AVX512-BF16)."""
-    try:
-        from sparsegpt.solver import _gram
+    """The AVX-512 kernels of _gram.c through ctypes, or None (the optional extension was not built)."""
+    try:  # by its full name: the package's __init__ imports this module
+        extension = importlib.import_module("sparsegpt.solver._gram")
     except ImportError:
         return None
-    library = ctypes.CDLL(_gram.__file__)
+    library = ctypes.CDLL(extension.__file__)
     integer, pointer, small = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32
-    library.sgpt_bf16_available.restype = small
-    library.sgpt_bf16_available.argtypes = []
+    for name in ("sgpt_bf16_available", "sgpt_f32_available"):
+        getattr(library, name).restype = small
+        getattr(library, name).argtypes = []
     library.sgpt_packed_size.restype = integer
     library.sgpt_packed_size.argtypes = [integer, integer]
     library.sgpt_pack_bf16.restype = integer
     library.sgpt_pack_bf16.argtypes = [pointer, integer, integer, integer, pointer]
-    library.sgpt_gram_bf16.restype = integer
-    library.sgpt_gram_bf16.argtypes = [pointer, integer, integer, integer, pointer, integer, small]
+    for name in ("sgpt_gram_bf16", "sgpt_gram_f32"):
+        getattr(library, name).restype = integer
+        getattr(library, name).argtypes = [pointer, integer, integer, integer, pointer, integer, small]
     library.sgpt_linear_bf16.restype = integer
     library.sgpt_linear_bf16.argtypes = [pointer, integer, integer, integer, pointer, integer, pointer, integer]
     library.sgpt_linear_bf16.argtypes += [small, small]
-    return library if library.sgpt_bf16_available() else None
+    return library
 
 
-MIXED_BACKENDS = ("mkl", "native")
-"""The ways 16-bit × 16-bit → float32 products can run: MKL's routine in torch's library, and the
-AVX512-BF16 kernels of _gram.c (bf16 only)."""
+BACKENDS = ("mkl", "native")
+"""The ways products into float32 run on the CPU: "mkl" (torch's library: its bf16 × bf16 → float32
+routine, its rank-k update) and "native" (the AVX-512 kernels of _gram.c)."""
+
+
+def native_available(dtype: torch.dtype) -> bool:
+    """Whether the native kernels take ``dtype`` inputs on this processor: bf16 with AVX512-BF16 (Gram
+    matrices and linear products), float32 with AVX-512 (Gram matrices)."""
+    native = _native()
+    if native is None:
+        return False
+    if dtype == torch.bfloat16:
+        return bool(native.sgpt_bf16_available())
+    return dtype == torch.float32 and bool(native.sgpt_f32_available())
 
 
 def mixed_backends(dtype: torch.dtype) -> tuple[str, ...]:
-    """The ``MIXED_BACKENDS`` that multiply ``dtype`` inputs into float32 on this host."""
+    """The ``BACKENDS`` that multiply ``dtype`` (16-bit) inputs into float32 on this host."""
     found = ["mkl"] if _routine(dtype) is not None else []
-    if dtype == torch.bfloat16 and _native() is not None:
+    if dtype == torch.bfloat16 and native_available(dtype):
         found.append("native")
     return tuple(found)
-
-
-@functools.cache
-def mixed_backend(dtype: torch.dtype) -> str | None:
-    """The backend that multiplies ``dtype`` inputs into float32 here: the faster of ``mixed_backends`` as
-    measured once per host (``host.matmul_rates``), None where there is none (then float32 products)."""
-    available = mixed_backends(dtype)
-    if len(available) < 2:
-        return available[0] if available else None
-    from sparsegpt.host import matmul_rates  # the host's measured rates (host imports this module)
-
-    rates = matmul_rates()
-    return "native" if rates.native_mixed > rates.mkl_mixed else "mkl"
 
 
 def native_mixed_gram(dtype: torch.dtype) -> bool:
@@ -195,20 +197,20 @@ def triangle_edges(width: int, dtype: torch.dtype = torch.float32) -> list[int]:
     return [width * index // count for index in range(count + 1)]
 
 
-def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = None) -> None:
+def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = None, backend: str = "mkl") -> None:
     """``gram += rowsᵀ rows`` in place, on and above the diagonal; ``rows`` is (tokens, width).
 
     XᵀX is symmetric, so only its upper triangle is needed. Float32/float64 rows on the CPU (with a Gram
     matrix of their precision) go to one symmetric rank-k update, which computes exactly that triangle.
-    bf16 rows with a float32 Gram matrix go to the native kernel where it is the faster backend
-    (``mixed_backend``), which also sums exactly the upper triangle. Otherwise the matrix is split into
-    column blocks at ``edges`` (by default ``triangle_edges`` for the
+    With ``backend`` "native", bf16 or float32 rows with a float32 Gram matrix on the CPU go to the native
+    kernel where the processor has it (``native_available``), which sums exactly the upper triangle.
+    Otherwise the matrix is split into column blocks at ``edges`` (by default ``triangle_edges`` for the
     rows' precision) and only the blocks on and above the diagonal are computed: with k blocks, (k + 1) / 2k
     of the full product's arithmetic. Either way nothing below a diagonal block is touched, and within
     the diagonal blocks only the upper triangle is to be read: ``mirror_gram`` (given the same edges)
     fills in the rest."""
     cpu = gram.device.type == "cpu" and gram.stride(1) == 1 and rows.shape[0] > 0
-    if cpu and rows.dtype == torch.bfloat16 and gram.dtype == torch.float32 and mixed_backend(rows.dtype) == "native":
+    if backend == "native" and cpu and gram.dtype == torch.float32 and native_available(rows.dtype):
         _native_gram(gram, _row_major(rows))
         return
     syrk = _syrk(rows.dtype) if gram.device.type == "cpu" and gram.dtype == rows.dtype else None
@@ -221,10 +223,11 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor, edges: list[int] | None = N
 
 
 def _native_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
-    """``gram += rowsᵀ rows`` on and above the diagonal by the AVX512-BF16 kernel (row-major bf16 ``rows``,
-    a float32 ``gram`` with unit column stride)."""
+    """``gram += rowsᵀ rows`` on and above the diagonal by the native kernel (row-major bf16 or float32
+    ``rows``, a float32 ``gram`` with unit column stride)."""
     tokens, width = rows.shape
-    status = _native().sgpt_gram_bf16(
+    kernel = _native().sgpt_gram_bf16 if rows.dtype == torch.bfloat16 else _native().sgpt_gram_f32
+    status = kernel(
         rows.data_ptr(), tokens, width, rows.stride(0), gram.data_ptr(), gram.stride(0), torch.get_num_threads()
     )
     _check(status, "Gram")
@@ -268,11 +271,10 @@ class MixedWeight:
     packed: torch.Tensor | None = None
 
 
-def mixed_weight(matrix: torch.Tensor, backend: str | None = None) -> MixedWeight:
-    """``matrix`` (n, k, 16-bit) as a ``MixedWeight`` for ``backend`` (by default this host's
-    ``mixed_backend``)."""
-    backend = backend if backend is not None else mixed_backend(matrix.dtype)
-    if backend != "native" or matrix.dtype != torch.bfloat16 or matrix.device.type != "cpu":
+def mixed_weight(matrix: torch.Tensor, backend: str = "mkl") -> MixedWeight:
+    """``matrix`` (n, k, 16-bit) as a ``MixedWeight`` for ``backend`` (packed for "native" where the
+    processor has the bf16 kernels)."""
+    if backend != "native" or matrix.device.type != "cpu" or not native_available(matrix.dtype):
         return MixedWeight(matrix)
     native, matrix = _native(), _row_major(matrix)
     (n, k), leading = matrix.shape, matrix.stride(0)
@@ -319,7 +321,7 @@ def _mixed_product(
     return True
 
 
-def split_bfloat16(weight: torch.Tensor, backend: str | None = None) -> tuple[MixedWeight, MixedWeight]:
+def split_bfloat16(weight: torch.Tensor, backend: str = "mkl") -> tuple[MixedWeight, MixedWeight]:
     """A float32 ``weight`` as two bf16 parts, hi = bf16(w) and lo = bf16(w − hi), each a ``MixedWeight``
     for ``backend`` (``mixed_weight``): hi + lo holds about 16 significant bits of each entry."""
     high = weight.bfloat16()

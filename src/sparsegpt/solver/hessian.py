@@ -18,6 +18,7 @@ class InputStatistics:
     With ``full=False`` only diag(XᵀX) is kept: ``column_norms`` works, ``hessian`` does not. With
     ``operands`` (torch.bfloat16 or torch.float16) the inputs are rounded to that precision first, as a
     layer running in it rounds them, and their products are summed in ``dtype`` (``gram.add_gram``).
+    ``backend``: which of ``gram.BACKENDS`` sums the Gram matrix on the CPU (the host's faster one).
     """
 
     width: int
@@ -25,6 +26,7 @@ class InputStatistics:
     device: torch.device | str = "cpu"
     full: bool = True
     operands: torch.dtype | None = None
+    backend: str = "mkl"
     tokens: int = 0
     gram: torch.Tensor | None = field(init=False, default=None)
     squares: torch.Tensor | None = field(init=False, default=None)
@@ -43,7 +45,7 @@ class InputStatistics:
             rows = rows[token_mask.reshape(-1).to(torch.bool)]
         rows = rows.to(self.operands if self.operands is not None else self.dtype)
         if self.gram is not None:
-            add_gram(self.gram, rows, self._edges())
+            add_gram(self.gram, rows, self._edges(), self.backend)
         else:
             assert self.squares is not None
             self.squares.add_(rows.to(self.dtype).square().sum(dim=0))
