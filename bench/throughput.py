@@ -1,13 +1,14 @@
 """What this host's CPU does for the matrix products that dominate pruning: fp32 against bf16.
 
-Prints the SIMD flags that matter and the median GFLOP/s of ``F.linear`` at the shapes of smollm2-135m's
+Prints the SIMD flags that matter and the median GFLOP/s of ``F.linear`` (and, in float32, of oneDNN's
+product, ``linears.onednn_linear``) at the shapes of smollm2-135m's
 MLP (2048×576 by 576×1536) and lm_head (2048×576 by 576×49152) on the current torch threads; then the
 Hessians' Gram product XᵀX (4096 tokens, widths 576 and 1536; float32, and bf16 inputs summed in float32
 by ``add_product``): the whole product's GFLOP/s and, for column blocks of 128-512, the time of the
 upper block triangle (``add_block_triangle``) as a share of the whole product's (what ``TRIANGLE_BLOCKS``
-is set by), for float32 that of MKL's symmetric rank-k update (what ``add_gram`` uses where it can), and
-for bf16 that of the AVX512-BF16 kernel's exact upper triangle (``_native_gram``, where the processor has
-it: ``add_gram`` takes it where it measures faster than MKL's routine);
+is set by), for float32 that of MKL's symmetric rank-k update, and for both that of the native AVX-512
+kernel's exact upper triangle (``_native_gram``, where the processor has it; ``add_gram`` takes the
+faster of these two, as the host probe measured);
 then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky factorization, the
 triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
 identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
@@ -26,21 +27,24 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import median_seconds
 
-from sparsegpt.solver.gram import _native, _native_gram, _syrk, add_block_triangle, add_product
+from sparsegpt.linears import onednn_agrees, onednn_linear
+from sparsegpt.solver.gram import _native_gram, _syrk, add_block_triangle, add_product, native_available
 from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
 
 SHAPES = {"mlp": (2048, 576, 1536), "lm_head": (2048, 576, 49152)}
 
 
-def gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 5) -> float:
-    """Median GFLOP/s of ``F.linear`` on random (rows, inner) inputs and a (cols, inner) weight."""
+def gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, linear: Any = F.linear, repeats: int = 5) -> float:
+    """Median GFLOP/s of ``linear`` (``F.linear``, or oneDNN's float32 product) on random (rows, inner)
+    inputs and a (cols, inner) weight."""
     inputs, weight = torch.randn(rows, inner, dtype=dtype), torch.randn(cols, inner, dtype=dtype)
-    return 2 * rows * inner * cols / median_seconds(lambda: F.linear(inputs, weight), repeats) / 1e9
+    return 2 * rows * inner * cols / median_seconds(lambda: linear(inputs, weight), repeats) / 1e9
 
 
 def gram_gflops(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> float:
@@ -52,7 +56,7 @@ def gram_gflops(dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -
 def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 9) -> dict[int | str, float]:
     """For column blocks of 128-512: the upper block triangle's time over the whole product's, calls
     interleaved; ``"rank_update"``: MKL's symmetric rank-k update's, where it exists for ``dtype``; and
-    ``"native_triangle"``: the AVX512-BF16 kernel's, for bf16 where the processor has it."""
+    ``"native_triangle"``: the native AVX-512 kernel's, where the processor has it for ``dtype``."""
     rows, gram = torch.randn(tokens, width).to(dtype), torch.zeros(width, width)
     whole, shares = [], {}
     for block in (128, 192, 256, 384, 512):
@@ -64,7 +68,7 @@ def triangle_shares(dtype: torch.dtype, tokens: int, width: int, repeats: int = 
     if update is not None:
         whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
         shares["rank_update"] = median_seconds(lambda: update(gram, rows), repeats)
-    if dtype == torch.bfloat16 and _native() is not None:
+    if dtype in (torch.bfloat16, torch.float32) and native_available(dtype):
         whole.append(median_seconds(lambda: add_product(gram, rows, rows), repeats))
         shares["native_triangle"] = median_seconds(lambda: _native_gram(gram, rows), repeats)
     reference = statistics.median(whole)
@@ -141,6 +145,10 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16) if "linear" in sections else ():
         result[str(dtype).removeprefix("torch.")] = {
             name: round(gflops(dtype, *shape), 1) for name, shape in SHAPES.items()
+        }
+    if "linear" in sections and onednn_agrees():
+        result["float32_onednn"] = {
+            name: round(gflops(torch.float32, *shape, onednn_linear), 1) for name, shape in SHAPES.items()
         }
     for dtype in (torch.float32, torch.bfloat16) if "gram" in sections else ():
         name = str(dtype).removeprefix("torch.")

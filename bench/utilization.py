@@ -14,7 +14,7 @@ settings, timing each part of the run, and counting the floating-point operation
 Each part's rate (useful FLOP / its time) is set against the rate at which this machine multiplies
 matrices in the precision the part runs in (float32, or bfloat16 for forwards under ``--forward-dtype``,
 and for Hessians summed from their bf16 inputs), measured in the same invocation: the best of ``F.linear``
-on a few large shapes and the model's own, and of the Gram product the Hessians use (both from
+(in float32 also of oneDNN's product) on a few large shapes and the model's own, and of the Gram product the Hessians use (both from
 bench/throughput.py). The whole run's utilization is Σ part FLOP / part rate (the time a run at the
 machine's rate would take) divided by its wall time; "other" is the time no part accounts for (input
 capture, Python, copies).
@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 import sparsegpt
 from sparsegpt import PruneConfig, data, pipeline
 from sparsegpt.api import calibration_windows
+from sparsegpt.linears import onednn_agrees, onednn_linear
 from sparsegpt.pipeline import resolve_forward_dtype
 from sparsegpt.report import versions
 from sparsegpt.solver import NMPattern, hessian
@@ -155,7 +156,11 @@ def main() -> None:
     shapes = [(2048, 2048, 2048), (tokens, hidden, model.config.intermediate_size), (hidden, tokens, hidden)]
     rates = {  # FLOP/s
         str(dtype).removeprefix("torch."): 1e9
-        * max([gflops(dtype, *shape) for shape in shapes] + [gram_gflops(dtype, tokens, hidden)])
+        * max(
+            [gflops(dtype, *shape) for shape in shapes]
+            + [gflops(dtype, *shape, onednn_linear) for shape in shapes if dtype == torch.float32 and onednn_agrees()]
+            + [gram_gflops(dtype, tokens, hidden)]
+        )
         for dtype in (torch.float32, torch.bfloat16)
     }
 
