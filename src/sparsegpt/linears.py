@@ -40,15 +40,23 @@ def onednn_agrees() -> bool:
     return result.shape == expected.shape and bool(torch.allclose(result.double(), expected, rtol=1e-5, atol=1e-5))
 
 
+def linear_call(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """(inputs, weight, bias) where a TorchFunctionMode sees ``F.linear`` called with positional inputs
+    and weight, else None."""
+    if func is not F.linear or len(args) < 2:
+        return None
+    return args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+
+
 class OneDnnLinears(TorchFunctionMode):
     """``F.linear`` of float32 CPU inputs and weights by ``onednn_linear`` while no gradient is wanted;
     every other call goes to torch unchanged."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            inputs, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        call = linear_call(func, args, kwargs)
+        if call is not None:
+            inputs, weight, bias = call
             if (
                 inputs.dtype == weight.dtype == torch.float32
                 and inputs.device.type == weight.device.type == "cpu"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_split_bfloat16, float32_linears, product_backend
+from sparsegpt.linears import linear_call
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
@@ -72,9 +73,9 @@ class SplitBfloat16Linears(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            inputs, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        call = linear_call(func, args, kwargs)
+        if call is not None:
+            inputs, weight, bias = call
             if (
                 isinstance(weight, nn.Parameter)
                 and weight.ndim == 2
