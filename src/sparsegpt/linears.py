@@ -40,12 +40,19 @@ def onednn_agrees() -> bool:
     return result.shape == expected.shape and bool(torch.allclose(result.double(), expected, rtol=1e-5, atol=1e-5))
 
 
-def linear_call(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
-    """(inputs, weight, bias) where a TorchFunctionMode sees ``F.linear`` called with positional inputs
-    and weight, else None."""
+def float32_linear_call(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """(inputs, weight, bias) where a TorchFunctionMode sees ``F.linear`` of float32 CPU inputs and a 2-D
+    float32 CPU weight (given by position), else None: the calls this package's modes may take over."""
     if func is not F.linear or len(args) < 2:
         return None
-    return args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+    inputs, weight = args[0], args[1]
+    if not (
+        inputs.dtype == weight.dtype == torch.float32
+        and inputs.device.type == weight.device.type == "cpu"
+        and weight.ndim == 2
+    ):
+        return None
+    return inputs, weight, args[2] if len(args) > 2 else kwargs.get("bias")
 
 
 class OneDnnLinears(TorchFunctionMode):
@@ -54,15 +61,12 @@ class OneDnnLinears(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        call = linear_call(func, args, kwargs)
+        call = float32_linear_call(func, args, kwargs)
         if call is not None:
             inputs, weight, bias = call
             if (
-                inputs.dtype == weight.dtype == torch.float32
-                and inputs.device.type == weight.device.type == "cpu"
-                and inputs.ndim >= 2
+                inputs.ndim >= 2
                 and inputs.numel() > 0
-                and weight.ndim == 2
                 and (bias is None or bias.dtype == torch.float32)
                 and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
             ):

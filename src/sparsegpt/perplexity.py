@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_split_bfloat16, float32_linears, product_backend
-from sparsegpt.linears import linear_call
+from sparsegpt.linears import float32_linear_call
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
@@ -73,16 +73,9 @@ class SplitBfloat16Linears(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        call = linear_call(func, args, kwargs)
-        if call is not None:
-            inputs, weight, bias = call
-            if (
-                isinstance(weight, nn.Parameter)
-                and weight.ndim == 2
-                and inputs.dtype == weight.dtype == torch.float32
-                and inputs.device.type == "cpu"
-            ):
-                return self.linear(inputs, weight, bias)
+        call = float32_linear_call(func, args, kwargs)
+        if call is not None and isinstance(call[1], nn.Parameter):
+            return self.linear(*call)
         return func(*args, **kwargs)
 
     def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:

@@ -200,6 +200,8 @@ class LinearInputObserver(TorchFunctionMode):
         self.device = device
         self.full = full
         self.operands = operands
+        # the host's faster Gram kernel for the rows these layers multiply (float64 rows ignore it)
+        self.backend = product_backend(operands or torch.float32) if full and device.type == "cpu" else "mkl"
         self.statistics: dict[str, InputStatistics] = {}
         self._seen: list[tuple[torch.Tensor, InputStatistics]] = []
         self._reads: dict[str, int] = {}  # weight name -> inputs read in this forward
@@ -241,8 +243,7 @@ class LinearInputObserver(TorchFunctionMode):
                 return
             dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
             operands = self.operands if dtype == torch.float32 else None
-            backend = product_backend(operands or dtype) if self.full and self.device.type == "cpu" else "mkl"
-            statistics = InputStatistics(inputs.shape[-1], dtype, self.device, self.full, operands, backend)
+            statistics = InputStatistics(inputs.shape[-1], dtype, self.device, self.full, operands, self.backend)
             self.statistics[weight.name] = statistics
         elif shared is statistics:
             return
