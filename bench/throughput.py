@@ -99,7 +99,8 @@ def factorization_timings(width: int, repeats: int = 3) -> dict[str, dict[str, f
     return timings
 
 
-MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# torch's own products, and oneDNN's float32 one where host.float32_linears sends linear layers to it
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
@@ -116,8 +117,9 @@ def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
     block, states, call = blocks[3].module, hidden[0], calls[3][0]
     parts = {}
     for name, precision in (("float32", None), ("bfloat16", "bfloat16")):
-        # one context for all calls, as in a pass of the pipeline: autocast casts each weight once
-        with pipeline.forward_precision(precision, torch.device("cpu")):
+        # one context for all calls, as in a pass of the pipeline (no gradients): autocast casts each
+        # weight once, and float32 linears go to the host's faster product
+        with torch.no_grad(), pipeline.forward_precision(precision, torch.device("cpu")):
             milliseconds = 1e3 * median_seconds(lambda: call.run(block, states), repeats)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
                 for _ in range(repeats):

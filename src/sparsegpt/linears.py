@@ -2,8 +2,8 @@
 
 torch multiplies float32 linear layers on the CPU with MKL's sgemm, and MKL picks its code by the
 processor's vendor: on AMD EPYC it runs at under half the rate that oneDNN, also inside torch's library
-(it runs torch's bf16 products), reaches with AVX-512 on the same host (about 190 against 420 GFLOP/s at
-smollm2-135m's shapes, 2 threads; docs/RESULTS.md, "Host matrix-multiply rates"). Both sum float32
+(it runs torch's bf16 products), reaches with AVX-512 on the same host (149 against 377 GFLOP/s at
+smollm2-135m's MLP shape, 2 threads; docs/RESULTS.md, "Host matrix-multiply rates"). Both sum float32
 products in float32, in different orders. torch has no setting that sends float32 products to oneDNN
 without lowering their precision, so ``OneDnnLinears`` sends ``F.linear`` there itself, through the op
 torch's compiler emits for it (``torch.ops.mkldnn._linear_pointwise``). The host probe checks that op
