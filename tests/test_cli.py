@@ -40,7 +40,14 @@ def run(capsys, *argv):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--pattern", "2:4", "--blocksize", "16"], ["--method", "wanda"], ["--method", "magnitude"]],
+    [
+        [],
+        ["--pattern", "2:4", "--blocksize", "16"],
+        ["--method", "wanda"],
+        ["--method", "magnitude"],
+        ["--method", "wanda", "--low-rank", "2"],
+        ["--low-rank-budget", "0.2", "--low-rank-rounds", "1"],
+    ],
 )
 def test_prune_saves_a_loadable_folder_and_report(workspace, capsys, tmp_path, extra):
     from transformers import AutoModelForCausalLM
@@ -181,6 +188,11 @@ def bad_inputs(root):
             "unknown evaluation precision",
         ),
         "too many bits": (["prune", model, *out, *calib, "--bits", "9"], "between 2 and 8"),
+        "rank and budget": (
+            ["prune", model, *out, *calib, "--low-rank", "4", "--low-rank-budget", "0.1"],
+            "not both",
+        ),
+        "rounds without a rank": (["prune", model, *out, *calib, "--low-rank-rounds", "2"], "give --low-rank"),
         "group without bits": (["prune", model, *out, *calib, "--group-size", "16"], "needs bits"),
         "bits with wanda": (
             ["prune", model, *out, *calib, "--bits", "4", "--method", "wanda"],

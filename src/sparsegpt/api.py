@@ -17,13 +17,22 @@ from sparsegpt.config import PruneConfig, level, variant
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
+from sparsegpt.formats.adapter import write_adapter
 from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
 from sparsegpt.host import resolve_device
 from sparsegpt.loading import load_model, load_tokenizer
-from sparsegpt.models import config_context_length, context_length, find_blocks, read_config, resolve_dtype
+from sparsegpt.models import (
+    attach_low_rank,
+    config_context_length,
+    context_length,
+    find_blocks,
+    low_rank_hooks,
+    read_config,
+    resolve_dtype,
+)
 from sparsegpt.perplexity import check_eval_precision, perplexity, resolve_eval_precision
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
-from sparsegpt.report import REPORT_NAME, LayerRecord, overall_sparsity, prune_report, versions
+from sparsegpt.report import REPORT_NAME, LayerRecord, low_rank_factors, overall_sparsity, prune_report, versions
 from sparsegpt.streaming import driver as streamed
 from sparsegpt.zeroshot import TaskScore, ZeroShot, check_tasks, evaluate_tasks, task_summary
 from sparsegpt.zeroshot import evaluate_tasks_streamed as _tasks_streamed
@@ -81,6 +90,13 @@ class PruneResult:
             calibration=self.calibration,
         )
 
+    def write_low_rank(self, folder: Path) -> None:
+        """The layers' low-rank terms as a PEFT LoRA adapter in ``folder`` (``formats.adapter``), if any."""
+        factors = low_rank_factors(self.layers)
+        transposed = {weight.name: weight.transposed for block in find_blocks(self.model) for weight in block.weights}
+        dtype = next(self.model.parameters()).dtype
+        write_adapter(folder, factors, dtype, any(transposed.get(name, False) for name in factors))
+
     def quant_specs(self) -> dict[str, compact.QuantSpec]:
         """The grid of every quantized weight tensor, by its state-dict name."""
         return quant_specs(self.model, self.layers, self.config)
@@ -97,6 +113,7 @@ class PruneResult:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(plain)
             compact.write_quant_sidecar(plain, self.quant_specs())
+            self.write_low_rank(plain)
             write_json_atomically(plain / REPORT_NAME, self.report())
             if compact_format:
                 compact.pack_into(plain, folder)
@@ -244,7 +261,9 @@ def prune(
 
     Sources and tasks are read and checked before the model is touched; perplexities of ``evaluations``
     are measured after pruning and kept in ``result.ppl``, zero-shot scores of ``tasks`` (through
-    lm-evaluation-harness, ``sparsegpt.zeroshot``) in ``result.tasks``. ``ranks``: this process's place in
+    lm-evaluation-harness, ``sparsegpt.zeroshot``) in ``result.tasks``. With a low-rank term
+    (``config.low_rank``), ``result.model`` holds the sparse weights S and computes S + BA through forward
+    hooks (``models.attach_low_rank``); ``save`` writes S and the factors. ``ranks``: this process's place in
     a multi-process run (``sparsegpt.distributed``); every process calls ``prune`` alike and gets the same
     model.
     """
@@ -252,6 +271,7 @@ def prune(
     prepared = _prepare(model, config, calibration, evaluations or [], dtype, config.needs_calibration, tasks)
     prepared.model.to(resolve_device(device))
     result = _prune(prepared, config, progress, ranks)
+    attach_low_rank(prepared.model, low_rank_factors(result.layers))  # the model computes S + BA from now on
     for name, windows, asked in prepared.evaluations:
         result.ppl[name], result.eval_precision[name] = _score(prepared.model, windows, asked, progress)
     if tasks is not None:
@@ -338,13 +358,18 @@ def _run_entries(
         row: dict[str, Any] = {"method": method, "sparsity": 0.0, "prune_seconds": 0.0, "ppl": {}}
         if level_text is not None:
             row["level"] = level_text
+        factors = {}
         if entry is not None:
             result = _prune(prepared, entry, progress)
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
-        for name, windows, asked in prepared.evaluations:
-            row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
-        if tasks is not None:
-            row.update(task_summary(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
+            factors = low_rank_factors(result.layers)
+            if factors:
+                row["low_rank_parameters"] = sum(b.numel() + a.numel() for b, a in factors.values())
+        with low_rank_hooks(prepared.model, factors):
+            for name, windows, asked in prepared.evaluations:
+                row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
+            if tasks is not None:
+                row.update(task_summary(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
         rows.append(row)
         log.info("%s: %s", method, row)
     return {

@@ -90,6 +90,28 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         help="up to N conjugate-gradient steps towards the best kept weights for each layer's mask",
     )
     parser.add_argument(
+        "--low-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="add a rank-R term BA to every pruned layer, fitted in closed form to its outputs (saved as a PEFT "
+        "LoRA adapter in low_rank_adapter/)",
+    )
+    parser.add_argument(
+        "--low-rank-budget",
+        type=float,
+        default=None,
+        metavar="F",
+        help="instead of --low-rank: each layer's rank so that its factors take at most the share F of its weights",
+    )
+    parser.add_argument(
+        "--low-rank-rounds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K rounds alternating between re-solving the kept weights for W - BA and re-fitting BA",
+    )
+    parser.add_argument(
         "--forward-dtype",
         default="auto",
         choices=FORWARD_DTYPES,
@@ -240,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--methods",
         default="magnitude,wanda,sparsegpt",
-        help="methods and variants, comma-separated: METHOD[+owl][+refine][+repair][+wanda|+ria]",
+        help="methods and variants, comma-separated: METHOD[+owl][+refine][+repair][+wanda|+ria][+lowrank]",
     )
     _add_prune_options(sweep)
     sweep.set_defaults(eval=["sotu:test"])
@@ -278,6 +300,9 @@ def _config(args: argparse.Namespace, method: str) -> PruneConfig:
         mask_score=args.mask_score,
         repair=args.repair,
         refine=args.refine,
+        low_rank=args.low_rank,
+        low_rank_budget=args.low_rank_budget,
+        low_rank_rounds=args.low_rank_rounds,
         forward_dtype=args.forward_dtype,
         **quantization,
     )

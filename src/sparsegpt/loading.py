@@ -9,8 +9,8 @@ from torch import nn
 
 from sparsegpt import assets
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.formats import compact
-from sparsegpt.models import resolve_dtype
+from sparsegpt.formats import adapter, compact
+from sparsegpt.models import attach_low_rank, resolve_dtype
 
 RUNTIMES = ("dense", "sparse")
 
@@ -31,7 +31,8 @@ def load_model(spec: str, dtype: str = "auto", runtime: str = "dense") -> tuple[
             )
         from sparsegpt.runtime.model import load_sparse
 
-        return load_sparse(folder, torch_dtype), load_tokenizer(str(folder)), f"{spec} (sparse runtime)"
+        model = with_low_rank(load_sparse(folder, torch_dtype), folder)
+        return model, load_tokenizer(str(folder)), f"{spec} (sparse runtime)"
     if spec in assets.MODEL_ALIASES:
         folder = assets.model_folder(spec)
         model, tokenizer = _from_pretrained(str(folder), torch_dtype)
@@ -46,9 +47,10 @@ def load_model(spec: str, dtype: str = "auto", runtime: str = "dense") -> tuple[
         if not (path / "config.json").is_file():
             raise SparseGPTError(f"{spec} is not a transformers model folder (no config.json)")
         if compact.is_compact(path):
-            return compact.load_compact(path, torch_dtype), load_tokenizer(str(path)), f"{path} (compact)"
+            model = with_low_rank(compact.load_compact(path, torch_dtype), path)
+            return model, load_tokenizer(str(path)), f"{path} (compact)"
         model, tokenizer = _from_pretrained(str(path), torch_dtype)
-        return model, tokenizer, str(path)
+        return with_low_rank(model, path), tokenizer, str(path)
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         known = ", ".join(sorted(assets.MODEL_ALIASES))
         raise SparseGPTError(f"no model folder, GGUF file or alias named {spec!r} (aliases: {known})")
@@ -59,7 +61,8 @@ def load_model(spec: str, dtype: str = "auto", runtime: str = "dense") -> tuple[
 def load_pretrained(path: str | Path, dtype: str = "auto", runtime: str = "dense") -> nn.Module:
     """A transformers causal LM from a folder, plain or compact (see docs/FORMAT.md), in one call.
 
-    ``runtime="dense"`` decodes every weight into an ordinary model. ``runtime="sparse"`` keeps each pruned
+    ``runtime="dense"`` decodes every weight into an ordinary model. A folder pruned with low-rank terms
+    computes S + BA in those layers (its adapter is applied). ``runtime="sparse"`` keeps each pruned
     linear weight in its compact encoding inside a ``SparseLinear`` module (inference only): less memory,
     and faster decoding where memory bandwidth bounds it. A plain folder is encoded while it loads.
     """
@@ -71,10 +74,18 @@ def load_pretrained(path: str | Path, dtype: str = "auto", runtime: str = "dense
     if runtime == "sparse":
         from sparsegpt.runtime.model import load_sparse
 
-        return load_sparse(folder, torch_dtype)
+        return with_low_rank(load_sparse(folder, torch_dtype), folder)
     if compact.is_compact(folder):
-        return compact.load_compact(folder, torch_dtype)
-    return _from_pretrained(str(folder), torch_dtype, tokenizer=False)[0]
+        return with_low_rank(compact.load_compact(folder, torch_dtype), folder)
+    return with_low_rank(_from_pretrained(str(folder), torch_dtype, tokenizer=False)[0], folder)
+
+
+def with_low_rank(model: nn.Module, folder: Path) -> nn.Module:
+    """``model`` computing Sx + B(Ax) in every layer the low-rank adapter of ``folder`` names, if it has
+    one (``formats.adapter``)."""
+    if adapter.has_adapter(folder):
+        attach_low_rank(model, adapter.read_adapter(folder))
+    return model
 
 
 def _check_runtime(runtime: str) -> None:

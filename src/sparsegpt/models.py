@@ -8,7 +8,9 @@ slices are used as ``F.linear`` weights).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,3 +171,50 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     if name not in DTYPES:
         raise SparseGPTError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]
+
+
+class _LowRankTerm:
+    """A forward hook that adds B(Ax) to a linear module's output: the served form Sx + B(Ax)."""
+
+    def __init__(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        self.b, self.a = b, a
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        inputs = args[0]  # under autocast the products run in its precision, as the layer's own does
+        low = torch.nn.functional.linear(inputs, self.a.to(inputs.device, inputs.dtype))
+        return output + torch.nn.functional.linear(low, self.b.to(inputs.device, inputs.dtype)).to(output.dtype)
+
+
+def attach_low_rank(
+    root: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = ""
+) -> list[Any]:
+    """Make every layer named in ``factors`` ({name: (B (out, r), A (r, in))}) compute Sx + B(Ax), by a
+    forward hook; returns the hooks' handles. ``root`` is the module whose path is ``prefix`` in those
+    names ("" for the whole model)."""
+    handles = []
+    try:
+        for name, (b, a) in factors.items():
+            path = name[len(prefix) + 1 :] if prefix else name
+            try:
+                module = root.get_submodule(path) if path else root
+            except AttributeError:
+                raise SparseGPTError(f"the low-rank term of {name} names a layer the model does not have") from None
+            handles.append(module.register_forward_hook(_LowRankTerm(b, a)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextlib.contextmanager
+def low_rank_hooks(
+    root: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = ""
+) -> Iterator[None]:
+    """``attach_low_rank`` for the duration of the context."""
+    handles = attach_low_rank(root, factors, prefix)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -24,12 +24,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from sparsegpt.config import PruneConfig
+from sparsegpt.config import DEFAULT_REFINE, PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_bfloat16, float32_linears, product_backend
-from sparsegpt.models import Block, LinearWeight, check_finite_weights, find_blocks, prefer_eager_experts
-from sparsegpt.report import LayerRecord
+from sparsegpt.models import (
+    Block,
+    LinearWeight,
+    check_finite_weights,
+    find_blocks,
+    low_rank_hooks,
+    prefer_eager_experts,
+)
+from sparsegpt.report import LayerRecord, low_rank_factors
 from sparsegpt.solver import (
     InputStatistics,
     InverseFactor,
@@ -41,6 +48,7 @@ from sparsegpt.solver import (
     wanda_prune,
 )
 from sparsegpt.solver.allocation import outlier_count, owl_counts
+from sparsegpt.solver.lowrank import alternate_low_rank
 from sparsegpt.solver.refine import fixed_mask, mask_scores, refine_weights, repair_mask
 
 log = logging.getLogger(__name__)
@@ -268,6 +276,8 @@ def _solve(
     swaps = refine_iterations = None
     reached = stats is not None and stats.tokens > 0
     hessian = None
+    # before the Hessian is taken from the statistics (a low-rank term needs it for Wanda too)
+    column_norms = stats.column_norms() if stats is not None and reached and config.method == "wanda" else None
     if stats is not None and reached and stats.full:
         hessian = stats.take_hessian() if last else stats.hessian()
     pattern = config.pattern
@@ -282,8 +292,8 @@ def _solve(
             result = sparsegpt_prune(original, unit, sparsity, pattern, config.blocksize, 0.0, config.grid)
             note = f"{note} and rounded to the grid"
     elif config.method == "wanda":
-        assert stats is not None
-        result = wanda_prune(original, stats.column_norms(), sparsity, pattern)
+        assert column_norms is not None
+        result = wanda_prune(original, column_norms, sparsity, pattern)
     else:
         assert hessian is not None and stats is not None
         try:
@@ -313,7 +323,29 @@ def _solve(
         if config.refine:
             refined = refine_weights(result.weight, original, hessian, result.mask, config.refine, result.damp)
             result.weight, refine_iterations = refined.weight, refined.iterations
-    error = relative_output_error(original, result.weight, hessian) if hessian is not None else None
+    rank = config.rank_for(*original.shape) if config.uses_low_rank and hessian is not None else 0
+    fit, sparse_error = None, None
+    if rank:
+        assert hessian is not None
+        fit_damp = result.damp if config.method == "sparsegpt" else config.damp
+        try:
+            fit = alternate_low_rank(
+                original,
+                result.weight,
+                result.mask,
+                hessian,
+                rank,
+                config.low_rank_rounds,
+                fit_damp,
+                config.refine or DEFAULT_REFINE,
+            )
+        except SparseGPTError as error:
+            raise SparseGPTError(f"{weight.name}: {error}") from None
+        sparse_error = relative_output_error(original, result.weight, hessian)
+        result.weight = fit.sparse
+    error = None
+    if hessian is not None:
+        error = relative_output_error(original, result.weight + fit.product() if fit else result.weight, hessian)
     solved_with_hessian = hessian is not None
     del original, hessian
     weight.write(result.weight)
@@ -330,6 +362,10 @@ def _solve(
         refine_iterations=refine_iterations,
         scales=result.scales,
         zeros=result.zeros,
+        rank=fit.rank if fit else None,
+        sparse_error=sparse_error,
+        lora_b=fit.b if fit else None,
+        lora_a=fit.a if fit else None,
     )
 
 
@@ -371,6 +407,10 @@ def chosen_weights(block: Block, config: PruneConfig) -> list[tuple[LinearWeight
         width = weight.matrix().shape[1]
         if config.pattern is not None and width % config.pattern.m:
             raise SparseGPTError(f"{weight.name}: input width {width} is not divisible by M={config.pattern.m}")
+        if config.uses_low_rank and weight.expert is not None:
+            raise SparseGPTError(
+                f"{weight.name} is one expert of a fused bank: a low-rank term needs a linear module of its own"
+            )
         chosen.append((weight, sparsity))
     return chosen
 
@@ -573,6 +613,7 @@ def prune_block(
             if owner != ranks.rank:
                 weight.write(weight_now)
         records.append(solved[position])
-    if advance:
-        advance_block(block, hidden, calls, config.forward_dtype)
+    if advance:  # the next block reads what this one computes as it will run: S + BA where fitted
+        with low_rank_hooks(block.module, low_rank_factors(records), block.name):
+            advance_block(block, hidden, calls, config.forward_dtype)
     return records

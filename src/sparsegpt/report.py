@@ -28,12 +28,28 @@ class LayerRecord:
     note: str | None = None
     swaps: int | None = None  # mask repair: prune-and-grow pairs taken
     refine_iterations: int | None = None
+    rank: int | None = None  # the low-rank term's; ``error`` is then that of S + BA
+    sparse_error: float | None = None  # with a low-rank term: the error of S alone
     scales: torch.Tensor | None = field(default=None, repr=False)  # quantized: grid per (row, group)
     zeros: torch.Tensor | None = field(default=None, repr=False)
+    lora_b: torch.Tensor | None = field(default=None, repr=False)  # the low-rank term BA: B (out, r)
+    lora_a: torch.Tensor | None = field(default=None, repr=False)  # and A (r, in)
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as the report shows it (grids left out)."""
-        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in ("scales", "zeros")}
+        """The record as the report shows it (tensors left out)."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name not in _TENSORS}
+
+
+_TENSORS = ("scales", "zeros", "lora_b", "lora_a")
+
+
+def low_rank_factors(layers: list[LayerRecord]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (B, A)} of the layers that have a low-rank term."""
+    return {
+        layer.name: (layer.lora_b, layer.lora_a)
+        for layer in layers
+        if layer.lora_b is not None and layer.lora_a is not None
+    }
 
 
 def overall_sparsity(layers: list[LayerRecord]) -> float:
@@ -60,6 +76,12 @@ def prune_report(
 ) -> dict[str, Any]:
     """The report of a pruning run: method, pattern, achieved and target sparsity, time, where the model
     came from, ``details`` (perplexities, calibration source, ...), every layer, the config, the versions."""
+    low_rank = {}
+    factors = low_rank_factors(layers)
+    if factors:
+        count = sum(b.numel() + a.numel() for b, a in factors.values())
+        dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+        low_rank = {"low_rank": {"layers": len(factors), "parameters": count, "share": count / dense}}
     return {
         "method": config.method,
         "pattern": str(config.pattern) if config.pattern else None,
@@ -67,6 +89,7 @@ def prune_report(
         "target_sparsity": config.target_sparsity,
         "prune_seconds": seconds,
         "model": model,
+        **low_rank,
         **details,
         "layers": [layer.to_dict() for layer in layers],
         "config": config.to_dict(),

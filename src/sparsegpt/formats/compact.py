@@ -1,4 +1,4 @@
-"""The compact checkpoint (docs/FORMAT.md, version 1): pruned weights as kept values plus a packed mask.
+"""The compact checkpoint (docs/FORMAT.md, versions 1 and 2): pruned weights as kept values plus a packed mask.
 
 A sparse weight is stored as the values it keeps (in its dtype, or as packed integer codes with float16
 scales and uint8 zero points when it was quantized) and where they are: a bitmask, or for N:M tensors the
@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
     from zlib import crc32 as _CRC32
 
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.formats.adapter import ADAPTER_FOLDER, has_adapter
 from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
 from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, itemsize, read_header, read_tensor
 from sparsegpt.models import config_dtype, read_config
@@ -38,7 +39,9 @@ from sparsegpt.report import REPORT_NAME
 from sparsegpt.solver.quant import QuantGrid, dequantize, dequantize_groups, group_views, quantize
 
 FORMAT_NAME = "sparsegpt-compact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written when the folder holds low-rank terms (``formats.adapter``); otherwise version 1."""
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "sparsegpt_compact.json"
 QUANT_SIDECAR = "sparsegpt_quant.safetensors"
 """In a plain folder: the grids (scales, zero points) of quantized weights, so that pack can store codes."""
@@ -675,7 +678,11 @@ def pack_into(source: Path, target: Path) -> dict[str, Any]:
     patterns = nm_patterns(source)
     files = dense_files(source)
     quant = read_quant_sidecar(source)
-    manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [], "tensors": {}}
+    # version 1 where it suffices, so that readers of version 1 keep reading folders without low-rank terms
+    version = FORMAT_VERSION if has_adapter(source) else 1
+    manifest: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "files": [], "tensors": {}}
+    if has_adapter(source):
+        manifest["low_rank"] = ADAPTER_FOLDER
     if (source / INDEX_NAME).is_file():
         manifest["index"] = json.loads((source / INDEX_NAME).read_text())
     for number, path in enumerate(files, start=1):
@@ -707,10 +714,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise SparseGPTError(f"{folder / MANIFEST}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise SparseGPTError(f"{folder / MANIFEST}: not a {FORMAT_NAME} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise SparseGPTError(
-            f"{folder}: compact format version {manifest.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})"
+            f"{folder}: compact format version {manifest.get('version')!r} is not supported"
+            f" (this reader knows {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if manifest.get("low_rank", ADAPTER_FOLDER) != ADAPTER_FOLDER or (
+        manifest.get("version") == 2 and not has_adapter(folder)
+    ):
+        raise SparseGPTError(f"{folder}: the manifest names low-rank terms the folder lacks ({ADAPTER_FOLDER}/)")
     if not isinstance(manifest.get("tensors"), dict) or not isinstance(manifest.get("files"), list):
         raise SparseGPTError(f"{folder / MANIFEST}: malformed manifest (no tensors or files)")
     return manifest

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
+from sparsegpt.formats.adapter import has_adapter, read_adapter, write_adapter
 from sparsegpt.formats.atomic import check_output_folder, publish_folder, write_json_atomically
 from sparsegpt.formats.shards import INDEX_NAME, itemsize, load_safetensors, read_header, save_durably
 from sparsegpt.host import available_memory
-from sparsegpt.models import Block, find_weights
+from sparsegpt.models import Block, find_weights, low_rank_hooks
 from sparsegpt.perplexity import nll_of_logits, perplexity_of
 from sparsegpt.pipeline import (
     advance_block,
@@ -39,7 +40,7 @@ from sparsegpt.pipeline import (
     prune_block,
     resolve_forward_dtype,
 )
-from sparsegpt.report import REPORT_NAME, LayerRecord, prune_report
+from sparsegpt.report import REPORT_NAME, LayerRecord, low_rank_factors, prune_report
 from sparsegpt.streaming.activations import Activations
 from sparsegpt.streaming.weights import Skeleton, open_skeleton
 
@@ -92,9 +93,10 @@ def _grids_name(index: int) -> str:
 def _save_records(folder: Path, index: int, records: list[LayerRecord]) -> list[dict[str, Any]]:
     tensors = {}
     for record in records:
-        if record.scales is not None and record.zeros is not None:
-            tensors[f"{record.name}::scales"] = record.scales
-            tensors[f"{record.name}::zeros"] = record.zeros
+        for part in _RECORD_TENSORS:
+            value = getattr(record, part)
+            if value is not None:
+                tensors[f"{record.name}::{part}"] = value
     if tensors:
         save_durably(tensors, folder / _grids_name(index))
     return [record.to_dict() for record in records]
@@ -105,9 +107,12 @@ def _load_records(folder: Path, index: int, saved: list[dict[str, Any]]) -> list
     if (folder / _grids_name(index)).is_file():
         grids = load_safetensors(folder / _grids_name(index))
     return [
-        LayerRecord(**item, scales=grids.get(f"{item['name']}::scales"), zeros=grids.get(f"{item['name']}::zeros"))
+        LayerRecord(**item, **{part: grids.get(f"{item['name']}::{part}") for part in _RECORD_TENSORS})
         for item in saved
     ]
+
+
+_RECORD_TENSORS = ("scales", "zeros", "lora_b", "lora_a")  # what a block's side file keeps of its records
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -315,6 +320,9 @@ def _finalize(
     write_json_atomically(work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
     _copy_side_files(folder, work)
     compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
+    factors = low_rank_factors(layers)
+    dtype = skeleton.dtype
+    write_adapter(work, factors, dtype, any(_is_transposed(skeleton, name) for name in factors))
     report = prune_report(config, layers, seconds, str(folder), streamed=True)
     write_json_atomically(work / REPORT_NAME, report)
     for path in list(work.iterdir()):
@@ -372,9 +380,13 @@ def logits_streamed(
     del entering
     block: Block | None = first
     del first
+    folder = skeleton.source.folder
+    factors = read_adapter(folder) if has_adapter(folder) else {}  # S + BA where the folder has low-rank terms
     for index in tqdm(range(total), desc=description, disable=not progress):
         block = block or skeleton.load_block(index)
-        advance_block(block, hidden, calls[index])
+        inside = {name: pair for name, pair in factors.items() if name.startswith(f"{block.name}.")}
+        with low_rank_hooks(block.module, inside, block.name):
+            advance_block(block, hidden, calls[index])
         block = None
         hidden.commit()
         hidden.drop_old()

@@ -1,0 +1,121 @@
+"""Sparse + low-rank: W ≈ S + BA, the factors fitted to keep the layer's outputs, without backpropagation.
+
+Once a layer's sparse weight S is fixed, the rank-r term that best restores its outputs on the
+calibration inputs minimises tr((R − BA) H (R − BA)ᵀ) with R = W − S and H ∝ XᵀX. With H = LLᵀ (the
+damped Hessian's Cholesky factor) this is ‖(R − BA)L‖²_F, whose minimum over rank-r matrices is the
+truncated SVD of the whitened residual RL (Eckart–Young), mapped back by L⁻¹: the closed form of EoRA
+(Liu et al. 2024), there written with an eigendecomposition of H; any factor of H gives the same
+product BA.
+
+``alternate_low_rank`` then alternates, as HASSLE-free (Makni et al. 2025) does: re-solve S's kept weights
+on its mask for the target W − BA (``refine.refine_weights``), and re-fit BA to W − S. No step raises the
+layer's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsegpt.errors import SparseGPTError
+from sparsegpt.solver.baselines import layer_loss
+from sparsegpt.solver.refine import damped, refine_weights
+
+
+@dataclass
+class LowRankFit:
+    """Factors of the rank-r term BA: ``b`` (rows, r) and ``a`` (r, cols), and the sparse weight they
+    complete (rows, cols)."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+    sparse: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def product(self) -> torch.Tensor:
+        """BA, shape (rows, cols)."""
+        return self.b @ self.a
+
+
+def rank_for_budget(rows: int, cols: int, budget: float) -> int:
+    """The largest rank whose factors, r·(rows + cols) values, take at most ``budget`` of rows·cols."""
+    return int(budget * rows * cols // (rows + cols))
+
+
+def fit_low_rank(
+    residual: torch.Tensor, hessian: torch.Tensor, rank: int, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors B (rows, r) and A (r, cols), r ≤ ``rank``, that minimise tr((R − BA) H (R − BA)ᵀ) for
+    R = ``residual`` (rows, cols) and H = ``hessian`` (cols, cols).
+
+    The minimum is taken for the damped H (``refine.damped``, as the sweep factorizes it, the damping
+    raised where the factorization fails); BA is then
+    scaled by the one factor that minimises the undamped loss, so the result never loses more than
+    BA = 0. B and A share the singular values' square roots, which keeps both in a narrow range (they
+    may be stored in half precision).
+    """
+    compute = residual.dtype
+    rank = min(rank, *residual.shape)
+    if rank <= 0:
+        return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
+    lower = _damped_cholesky(hessian.to(compute), damp)
+    left, singular, right = torch.linalg.svd(residual @ lower, full_matrices=False)
+    root = singular[:rank].sqrt()
+    b = left[:, :rank] * root
+    # A = Σ½ Vᵀ L⁻¹: solve A L = Σ½ Vᵀ
+    a = torch.linalg.solve_triangular(lower, root.unsqueeze(1) * right[:rank], upper=False, left=False)
+    scale = _best_scale(residual, b @ a, hessian.to(compute))
+    return b * scale, a
+
+
+def _damped_cholesky(hessian: torch.Tensor, damp: float, attempts: int = 6) -> torch.Tensor:
+    """L with H + λI = LLᵀ (``refine.damped``); the relative damping is raised tenfold while the
+    factorization fails, as the sweep's is."""
+    for _ in range(attempts):
+        lower, info = torch.linalg.cholesky_ex(damped(hessian, damp))
+        if int(info) == 0:
+            return lower
+        damp = max(damp * 10, 1e-6)
+    raise SparseGPTError("the Hessian stays indefinite under damping: cannot fit the low-rank term")
+
+
+def _best_scale(residual: torch.Tensor, product: torch.Tensor, hessian: torch.Tensor) -> float:
+    """argmin over α of tr((R − αP) H (R − αP)ᵀ) = ⟨R, P⟩_H / ⟨P, P⟩_H (0 when P is 0 on H)."""
+    weighted = (product @ hessian).to(torch.float64)
+    energy = float((weighted * product).sum())
+    return float((weighted * residual).sum()) / energy if energy > 0 else 0.0
+
+
+def alternate_low_rank(
+    original: torch.Tensor,
+    sparse: torch.Tensor,
+    pruned: torch.Tensor,
+    hessian: torch.Tensor,
+    rank: int,
+    rounds: int = 0,
+    damp: float = 0.01,
+    refine_iterations: int = 100,
+) -> LowRankFit:
+    """Fit BA to W − S, then ``rounds`` times re-solve S on its mask for W − BA and re-fit BA.
+
+    ``original`` W and ``sparse`` S are (rows, cols), ``pruned`` S's mask (True = zero, stays zero),
+    ``hessian`` H (cols, cols). A round that does not lower the layer's loss ‖(W − S − BA)X‖² ends the
+    alternation and is not kept.
+    """
+    b, a = fit_low_rank(original - sparse, hessian, rank, damp)
+    best = LowRankFit(b, a, sparse)
+    loss = layer_loss(sparse + best.product(), original, hessian)
+    for _ in range(rounds):
+        target = original - best.product()
+        resolved = refine_weights(best.sparse, target, hessian, pruned, refine_iterations, damp).weight
+        b, a = fit_low_rank(original - resolved, hessian, rank, damp)
+        candidate = LowRankFit(b, a, resolved)
+        candidate_loss = layer_loss(resolved + candidate.product(), original, hessian)
+        if not candidate_loss < loss:
+            break
+        best, loss = candidate, candidate_loss
+    return best
