@@ -250,3 +250,13 @@ def test_lowrank_variant_takes_the_given_rank_and_rounds():
     assert variant(PruneConfig(), "sparsegpt+lowrank").low_rank == 16
     budget = variant(PruneConfig(low_rank_budget=0.05), "sparsegpt+lowrank")
     assert budget.low_rank == 0 and budget.low_rank_budget == 0.05
+
+
+def test_owl_and_quantization_compose_with_the_term():
+    owl = prune_model(
+        tiny_model("llama"), PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.1, low_rank=2), calibration()
+    )
+    quantized = prune_model(tiny_model("llama"), PruneConfig(bits=4, group_size=16, low_rank=2), calibration())
+    for records in (owl, quantized):
+        assert all(r.rank == 2 and r.error <= r.sparse_error * (1 + 1e-6) for r in records)
+    assert all(r.scales is not None for r in quantized)
