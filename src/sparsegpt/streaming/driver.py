@@ -321,8 +321,7 @@ def _finalize(
     _copy_side_files(folder, work)
     compact.write_quant_sidecar(work, _quant_specs(skeleton, layers, config))
     factors = low_rank_factors(layers)
-    dtype = skeleton.dtype
-    write_adapter(work, factors, dtype, any(_is_transposed(skeleton, name) for name in factors))
+    write_adapter(work, factors, skeleton.dtype, any(_is_transposed(skeleton, name) for name in factors))
     report = prune_report(config, layers, seconds, str(folder), streamed=True)
     write_json_atomically(work / REPORT_NAME, report)
     for path in list(work.iterdir()):
