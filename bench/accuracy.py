@@ -40,7 +40,7 @@ from sparsegpt.config import level as at_level
 from sparsegpt.models import find_blocks, low_rank_hooks
 from sparsegpt.perplexity import perplexity
 from sparsegpt.pipeline import prune_model
-from sparsegpt.report import low_rank_factors, overall_sparsity, versions
+from sparsegpt.report import factor_count, low_rank_factors, overall_sparsity, versions
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -110,7 +110,7 @@ def main() -> None:
                 "variant": label,
                 "settings": values,
                 "sparsity": overall_sparsity(layers),
-                "low_rank_share": sum(b.numel() + a.numel() for b, a in factors.values()) / linear_parameters,
+                "low_rank_share": factor_count(factors) / linear_parameters,
                 "prune_seconds": seconds,
                 "ppl": ppl,
             }

@@ -32,7 +32,15 @@ from sparsegpt.models import (
 )
 from sparsegpt.perplexity import check_eval_precision, perplexity, resolve_eval_precision
 from sparsegpt.pipeline import prune_model, resolve_forward_dtype
-from sparsegpt.report import REPORT_NAME, LayerRecord, low_rank_factors, overall_sparsity, prune_report, versions
+from sparsegpt.report import (
+    REPORT_NAME,
+    LayerRecord,
+    factor_count,
+    low_rank_factors,
+    overall_sparsity,
+    prune_report,
+    versions,
+)
 from sparsegpt.streaming import driver as streamed
 from sparsegpt.zeroshot import TaskScore, ZeroShot, check_tasks, evaluate_tasks, task_summary
 from sparsegpt.zeroshot import evaluate_tasks_streamed as _tasks_streamed
@@ -364,7 +372,7 @@ def _run_entries(
             row.update(sparsity=result.sparsity, prune_seconds=result.prune_seconds)
             factors = low_rank_factors(result.layers)
             if factors:
-                row["low_rank_parameters"] = sum(b.numel() + a.numel() for b, a in factors.values())
+                row["low_rank_parameters"] = factor_count(factors)
         with low_rank_hooks(prepared.model, factors):
             for name, windows, asked in prepared.evaluations:
                 row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)

@@ -52,6 +52,11 @@ def low_rank_factors(layers: list[LayerRecord]) -> dict[str, tuple[torch.Tensor,
     }
 
 
+def factor_count(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The values the low-rank factors ``factors`` ({name: (B, A)}) hold."""
+    return sum(b.numel() + a.numel() for b, a in factors.values())
+
+
 def overall_sparsity(layers: list[LayerRecord]) -> float:
     """Share of zeros over all the weights of ``layers``."""
     total = sum(layer.shape[0] * layer.shape[1] for layer in layers)
@@ -79,7 +84,7 @@ def prune_report(
     low_rank = {}
     factors = low_rank_factors(layers)
     if factors:
-        count = sum(b.numel() + a.numel() for b, a in factors.values())
+        count = factor_count(factors)
         dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)
         low_rank = {"low_rank": {"layers": len(factors), "parameters": count, "share": count / dense}}
     return {

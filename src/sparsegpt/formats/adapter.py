@@ -36,7 +36,6 @@ def write_adapter(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     dtype: torch.dtype,
     transposed: bool = False,
-    base_model: str | None = None,
 ) -> None:
     """Write ``factors`` ({module name: (B (out, r), A (r, in))}) as a LoRA adapter into
     ``folder / ADAPTER_FOLDER``, in ``dtype``; ``transposed``: the layers are GPT-2 style ``Conv1D``s
@@ -51,7 +50,7 @@ def write_adapter(
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": None,  # the base model is the folder above
         "r": rank,
         "lora_alpha": rank,  # scaling = alpha / r = 1: the factors are stored as they are added
         "rank_pattern": others,

@@ -14,6 +14,7 @@ layer's loss.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,9 @@ import torch
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.solver.baselines import layer_loss
 from sparsegpt.solver.refine import damped, refine_weights
+from sparsegpt.solver.sparsegpt import DAMPING_STEPS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,29 +62,36 @@ def fit_low_rank(
     BA = 0. B and A share the singular values' square roots, which keeps both in a narrow range (they
     may be stored in half precision).
     """
-    compute = residual.dtype
     rank = min(rank, *residual.shape)
     if rank <= 0:
         return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
-    lower = _damped_cholesky(hessian.to(compute), damp)
+    hessian = hessian.to(residual.dtype)
+    lower = _damped_cholesky(hessian, damp)
     left, singular, right = torch.linalg.svd(residual @ lower, full_matrices=False)
     root = singular[:rank].sqrt()
     b = left[:, :rank] * root
     # A = Σ½ Vᵀ L⁻¹: solve A L = Σ½ Vᵀ
     a = torch.linalg.solve_triangular(lower, root.unsqueeze(1) * right[:rank], upper=False, left=False)
-    scale = _best_scale(residual, b @ a, hessian.to(compute))
+    scale = _best_scale(residual, b @ a, hessian)
     return b * scale, a
 
 
-def _damped_cholesky(hessian: torch.Tensor, damp: float, attempts: int = 6) -> torch.Tensor:
-    """L with H + λI = LLᵀ (``refine.damped``); the relative damping is raised tenfold while the
-    factorization fails, as the sweep's is."""
-    for _ in range(attempts):
+def _damped_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """L with H + λI = LLᵀ (``refine.damped``); the relative damping is raised tenfold, at most
+    ``DAMPING_STEPS`` times, while the factorization fails, as the sweep's is."""
+    for step in range(DAMPING_STEPS + 1):
         lower, info = torch.linalg.cholesky_ex(damped(hessian, damp))
         if int(info) == 0:
             return lower
-        damp = max(damp * 10, 1e-6)
-    raise SparseGPTError("the Hessian stays indefinite under damping: cannot fit the low-rank term")
+        if step < DAMPING_STEPS:
+            raised = max(damp * 10, 1e-6)
+            log.warning(
+                "Cholesky factorization for the low-rank fit failed with damping %.3g; retrying with %.3g", damp, raised
+            )
+            damp = raised
+    raise SparseGPTError(
+        f"Hessian is not positive definite even with relative damping {damp:.3g}: cannot fit the low-rank term"
+    )
 
 
 def _best_scale(residual: torch.Tensor, product: torch.Tensor, hessian: torch.Tensor) -> float:
