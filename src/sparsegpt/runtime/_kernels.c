@@ -16,8 +16,8 @@
  * values with one expand instruction (the approach of SparAMX, arXiv 2502.12444); with AVX512_BF16, bf16
  * inputs meet bf16 weights in its dot product, and 4-bit codes go 64 columns at a time in byte lanes
  * (VBMI). AVX2 (with FMA and F16C): 8 columns at a time from a table of in-register permutations, stored
- * values only. Rows are split over `threads` OpenMP threads. Called through ctypes, which releases the
- * GIL. */
+ * values or codes of up to 4 bits or of 8. Rows are split over `threads` OpenMP threads. Called through
+ * ctypes, which releases the GIL. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -544,18 +544,24 @@ AVX512 static void densify_rows_avx512(const Matrix *w, int64_t first, int64_t l
 
 /* --- AVX2 ----------------------------------------------------------------------------------------- */
 
-/* expand_index[b]: for each of 8 lanes, how many kept columns precede it in mask byte b */
-static int32_t expand_index[256][8];
+/* For mask byte b and each of its 8 lanes: expand_index, how many kept columns precede the lane;
+ * kept_lanes, all ones where the lane is kept. */
+static int32_t expand_index[256][8], kept_lanes[256][8];
 
 __attribute__((constructor)) static void fill_expand_index(void) {
     for (int b = 0; b < 256; b++)
         for (int lane = 0, before = 0; lane < 8; lane++) {
             expand_index[b][lane] = before;
+            kept_lanes[b][lane] = (b >> lane) & 1 ? -1 : 0;
             before += (b >> lane) & 1;
         }
 }
 
-static int avx2_covers(const Matrix *w) { return w->cols % 8 == 0 && w->kind != KIND_CODES; }
+/* Rows of 8-column slices; codes of at most 4 bits or of 8, in groups that 8-column slices do not straddle. */
+static int avx2_covers(const Matrix *w) {
+    if (w->cols % 8) return 0;
+    return w->kind != KIND_CODES || ((w->bits <= 4 || w->bits == 8) && w->group % 8 == 0);
+}
 
 /* The 8 weights of columns [8j, 8j + 8) of a row (zeros where not kept), advancing k. Reads 8 stored values
  * from k, so the caller keeps k + 8 within the stored values. */
@@ -578,8 +584,122 @@ AVX2 static inline __m256 slice256(const Matrix *w, int64_t row, int64_t j, int6
     return _mm256_and_ps(_mm256_permutevar8x32_ps(loaded, index), _mm256_castsi256_ps(kept));
 }
 
+/* --- codes, 8 columns at a time: a row's walk through its code stream and its groups --- */
+
+/* Where a row's walk is: `bit`, the stream position of its next kept code; for the current group, the
+ * weights of codes 0-7 and 8-15 (`low`, `high`, a table read by in-register permutes) where codes have up
+ * to 4 bits, or the scale and the offset z·s in every lane for 8-bit codes; `shifts` and `code_bits`
+ * unpack a slice's codes. */
+typedef struct {
+    __m256 low, high, scale, offset;
+    __m256i shifts, code_bits;
+    int64_t bit;
+} Codes256;
+
+AVX2 static inline __attribute__((always_inline)) Codes256 codes_walk256(const Matrix *w, int64_t row) {
+    int b = (int)w->bits;
+    Codes256 walk;
+    walk.low = walk.high = walk.scale = walk.offset = _mm256_setzero_ps();
+    walk.shifts = _mm256_set_epi32(7 * b, 6 * b, 5 * b, 4 * b, 3 * b, 2 * b, b, 0);
+    walk.code_bits = _mm256_set1_epi32((1 << b) - 1);
+    walk.bit = w->offsets[row] * w->bits;
+    return walk;
+}
+
+/* (q − z)·s for 8 codes q (as float32), rounded to the weight's dtype as the reader rounds it: q·s and
+ * z·s are exact in float32 (a float16 scale times an integer below 2^8), so the fused subtraction rounds
+ * once, as the reader's float32 arithmetic does. */
+AVX2 static inline __attribute__((always_inline)) __m256 dequantized256(const Matrix *w, __m256 codes, __m256 scale,
+                                                                        __m256 offset) {
+    __m256 value = _mm256_fmsub_ps(codes, scale, offset);
+    if (w->round == KIND_BFLOAT16) { /* nearest, ties to even, on the bit pattern (finite values) */
+        __m256i bits = _mm256_castps_si256(value);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        bits = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+        return _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32((int)0xffff0000u)));
+    }
+    if (w->round == KIND_FLOAT16) return _mm256_cvtph_ps(_mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return value;
+}
+
+/* Group g (its index among the row-major scales) becomes the walk's current one. */
+AVX2 static inline __attribute__((always_inline)) void enter_group256(const Matrix *w, int64_t g, Codes256 *walk) {
+    float scale = _cvtsh_ss(w->scales[g]);
+    walk->scale = _mm256_set1_ps(scale);
+    walk->offset = _mm256_set1_ps((float)w->zeros[g] * scale);
+    if (w->bits <= 4) {
+        __m256 codes = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0);
+        walk->low = dequantized256(w, codes, walk->scale, walk->offset);
+        walk->high = dequantized256(w, _mm256_add_ps(codes, _mm256_set1_ps(8)), walk->scale, walk->offset);
+    }
+}
+
+/* The weights of the next 8 columns, whose mask byte is `bits` (zeros where not kept), advancing the walk.
+ * The 8 bytes from the first code's byte, shifted to its bit, hold the next eight codes (8·bits + 7 <= 64
+ * for bits <= 4; 8-bit codes start on a byte); near the stream's end the bytes past it read as 0. */
+AVX2 static inline __attribute__((always_inline)) __m256 codes_slice256(const Matrix *w, int bits, Codes256 *walk) {
+    int64_t byte = walk->bit >> 3;
+    uint64_t word = 0;
+    if (byte + 8 <= w->codes_size)
+        memcpy(&word, w->codes + byte, 8); /* one load */
+    else if (byte < w->codes_size)
+        memcpy(&word, w->codes + byte, (size_t)(w->codes_size - byte));
+    word >>= walk->bit & 7;
+    walk->bit += __builtin_popcount((unsigned)bits) * w->bits;
+    __m256 weights;
+    if (w->bits == 8) {
+        __m256i codes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)word));
+        weights = dequantized256(w, _mm256_cvtepi32_ps(codes), walk->scale, walk->offset);
+    } else {
+        __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(uint32_t)word), walk->shifts),
+                                         walk->code_bits);
+        /* two 8-entry lookups (a permute reads the index's low 3 bits), chosen by the code's bit 3 */
+        __m256 low = _mm256_permutevar8x32_ps(walk->low, codes), high = _mm256_permutevar8x32_ps(walk->high, codes);
+        weights = _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+    }
+    if (bits == 0xff) return weights;
+    __m256i index = _mm256_loadu_si256((const __m256i *)expand_index[bits]);
+    __m256 kept = _mm256_loadu_ps((const float *)kept_lanes[bits]);
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(weights, index), kept);
+}
+
+/* Runs `body` for every 8-column slice of a row of codes, left to right, with `weights` its weights and
+ * `j` its index, the walk entering each group where it starts. */
+#define FOR_EACH_CODES_SLICE256(w, row, j, weights, body)                                                  \
+    do {                                                                                                   \
+        Codes256 walk_ = codes_walk256((w), (row));                                                        \
+        const uint8_t *mask_ = (w)->mask ? (w)->mask + (row) * (w)->cols / 8 : NULL;                       \
+        for (int64_t g_ = 0; g_ < (w)->ngroups; g_++) {                                                    \
+            enter_group256((w), (row) * (w)->ngroups + g_, &walk_);                                        \
+            int64_t end_ = (g_ + 1) * (w)->group < (w)->cols ? (g_ + 1) * (w)->group : (w)->cols;          \
+            for (int64_t j = g_ * (w)->group / 8; j < end_ / 8; j++) {                                     \
+                if (mask_ && (j & 63) == 0) _mm_prefetch((const char *)mask_ + j + PREFETCH_MASK / 8, _MM_HINT_T0); \
+                _mm_prefetch((const char *)(w)->codes + (walk_.bit >> 3) + PREFETCH_VALUES / 2, _MM_HINT_T0); \
+                __m256 weights = codes_slice256((w), mask_ ? mask_[j] : 0xff, &walk_);                     \
+                body;                                                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+    } while (0)
+
+AVX2 static inline __attribute__((always_inline)) void row_codes_avx2(const Matrix *w, int64_t row, const float *x,
+                                                                      float *y, const int count) {
+    __m256 sums[4];
+    for (int v = 0; v < count; v++) sums[v] = _mm256_setzero_ps();
+    FOR_EACH_CODES_SLICE256(w, row, j, weights, {
+        for (int v = 0; v < count; v++) sums[v] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + v * w->cols + 8 * j), sums[v]);
+    });
+    for (int v = 0; v < count; v++) {
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(sums[v]), _mm256_extractf128_ps(sums[v], 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_add_ss(half, _mm_movehdup_ps(half));
+        y[v * w->rows + row] = _mm_cvtss_f32(half);
+    }
+}
+
 /* Whether a row's 8-value reads stay inside the stored values (the last rows may not). */
-static inline int avx2_row_fits(const Matrix *w, int64_t row) { return w->offsets[row + 1] + 8 <= w->kept; }
+static inline int avx2_row_fits(const Matrix *w, int64_t row) {
+    return w->kind == KIND_CODES || w->offsets[row + 1] + 8 <= w->kept;
+}
 
 /* One row against `count` float32 vectors (a constant once inlined, as row_avx512); rows whose 8-value
  * reads would pass the stored values take the portable loop. */
@@ -615,27 +735,50 @@ AVX2 static inline __attribute__((always_inline)) void row_avx2(const Matrix *w,
 }
 
 AVX2 static void matvec_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t n, const float *x, float *y) {
-    ROWS_BY_FOUR_VECTORS(row_avx2, w, first, last, n, x, y);
+    if (w->kind == KIND_CODES) {
+        ROWS_BY_FOUR_VECTORS(row_codes_avx2, w, first, last, n, x, y);
+    } else {
+        ROWS_BY_FOUR_VECTORS(row_avx2, w, first, last, n, x, y);
+    }
+}
+
+/* 8 float32 weights that are bfloat16 values, as those bfloat16 values: their upper halves, exactly. */
+AVX2 static inline __m128i upper_halves256(__m256 weights) {
+    __m256i upper = _mm256_srli_epi32(_mm256_castps_si256(weights), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(upper), _mm256_extracti128_si256(upper, 1));
 }
 
 AVX2 static void densify_rows_avx2(const Matrix *w, int64_t first, int64_t last, int64_t start, int32_t out_kind,
                                    void *out) {
     int64_t slices = w->cols / 8;
+    int32_t values = w->kind == KIND_CODES ? w->round : w->kind; /* the dtype the weights decode to */
+    /* a 16-bit output only of the weights' own dtype (float16 only from codes), which holds them exactly */
+    int exact = out_kind == KIND_FLOAT32 || (out_kind == values && (out_kind == KIND_BFLOAT16 || w->kind == KIND_CODES));
     for (int64_t row = first; row < last; row++) {
-        if (!avx2_row_fits(w, row) || out_kind == KIND_FLOAT16 || (out_kind == KIND_BFLOAT16 && w->kind != KIND_BFLOAT16)) {
+        if (!exact || !avx2_row_fits(w, row)) {
             densify_rows_portable(w, row, row + 1, start, out_kind, out);
             continue;
         }
-        int64_t k = w->offsets[row], base = (row - start) * w->cols;
+        int64_t base = (row - start) * w->cols;
+        if (w->kind == KIND_CODES) {
+            FOR_EACH_CODES_SLICE256(w, row, j, weights, {
+                if (out_kind == KIND_FLOAT32)
+                    _mm256_storeu_ps((float *)out + base + 8 * j, weights);
+                else if (out_kind == KIND_FLOAT16)
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + base + 8 * j),
+                                     _mm256_cvtps_ph(weights, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                else
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + base + 8 * j), upper_halves256(weights));
+            });
+            continue;
+        }
+        int64_t k = w->offsets[row];
         for (int64_t j = 0; j < slices; j++) {
             __m256 weights = slice256(w, row, j, &k);
-            if (out_kind == KIND_FLOAT32) {
+            if (out_kind == KIND_FLOAT32)
                 _mm256_storeu_ps((float *)out + base + 8 * j, weights);
-            } else { /* bfloat16 values to bfloat16: the upper halves, exactly */
-                __m256i upper = _mm256_srli_epi32(_mm256_castps_si256(weights), 16);
-                __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(upper), _mm256_extracti128_si256(upper, 1));
-                _mm_storeu_si128((__m128i *)((uint16_t *)out + base + 8 * j), packed);
-            }
+            else
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + base + 8 * j), upper_halves256(weights));
         }
     }
 }
