@@ -1,6 +1,7 @@
 """Sparse + low-rank: the closed-form fit, the alternation, the pipeline, and the PEFT adapter it writes."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,6 +65,24 @@ def test_alternating_rounds_lower_the_loss_and_keep_the_mask():
     assert losses[2] <= losses[1] <= losses[0] and losses[2] < losses[0]
 
 
+def test_rounds_that_prune_afresh_keep_the_pattern_and_lower_the_loss():
+    original, hessian = layer(rows=12, cols=16, tokens=64, seed=3)
+    pattern = NMPattern(2, 4)
+    result = sparsegpt_prune(original, hessian, 0.5, pattern, blocksize=8)
+
+    def prune(target):
+        pruned = sparsegpt_prune(target, hessian, 0.5, pattern, blocksize=8)
+        return pruned.weight, pruned.mask
+
+    once = alternate_low_rank(original, result.weight, result.mask, hessian, 2)
+    fit = alternate_low_rank(original, result.weight, result.mask, hessian, 2, 4, prune=prune)
+    assert bool((fit.pruned.view(12, 4, 4).sum(dim=2) == 2).all())
+    assert bool((fit.sparse[fit.pruned] == 0).all())
+    assert not torch.equal(fit.pruned, result.mask)  # the mask followed the residual
+    loss = layer_loss(fit.sparse + fit.product(), original, hessian)
+    assert loss < layer_loss(once.sparse + once.product(), original, hessian)
+
+
 def test_rank_of_a_budget():
     assert rank_for_budget(576, 576, 0.05) == 14 and rank_for_budget(8, 8, 0.05) == 0
     assert PruneConfig(low_rank_budget=0.05).rank_for(1536, 576) == 20
@@ -100,6 +119,21 @@ def test_rounds_lower_the_errors_further():
     first = [(b, m) for b, m in zip(base, more) if ".layers.0." in b.name]  # same inputs in both runs
     assert all(m.error <= b.error + 1e-12 for b, m in first)
     assert any(m.error < 0.99 * b.error for b, m in first)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_every_method_prunes_afresh_in_the_rounds(method):
+    base, remasked = tiny_model("llama"), tiny_model("llama")
+    config = PruneConfig(method=method, pattern=NMPattern(2, 4), low_rank=4, low_rank_rounds=2, forward_dtype="none")
+    kept = prune_model(base, config, calibration())
+    moved = prune_model(remasked, replace(config, low_rank_remask=True), calibration())
+    first = [(k, m) for k, m in zip(kept, moved) if ".layers.0." in k.name]  # same inputs in both runs
+    assert all(m.error <= m.sparse_error for m in moved)
+    assert any(m.error < k.error for k, m in first)
+    for block in find_blocks(remasked):  # S keeps its pattern, exactly
+        for weight in block.weights:
+            groups = (weight.matrix() == 0).reshape(weight.matrix().shape[0], -1, 4).sum(dim=2)
+            assert bool((groups >= 2).all()), weight.name
 
 
 def test_the_next_block_reads_what_s_plus_ba_computes():
@@ -230,6 +264,7 @@ def test_streamed_prune_matches_in_memory_with_its_factors(tmp_path):
         (dict(low_rank_budget=1.5), "must be in"),
         (dict(low_rank_rounds=2), "give --low-rank"),
         (dict(low_rank=4, low_rank_rounds=1, bits=4), "off the quantization grid"),
+        (dict(low_rank=4, low_rank_remask=True), "give --low-rank-rounds"),
         (dict(low_rank=-1), "non-negative"),
     ],
 )

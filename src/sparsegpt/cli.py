@@ -112,6 +112,11 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         help="K rounds alternating between re-solving the kept weights for W - BA and re-fitting BA",
     )
     parser.add_argument(
+        "--low-rank-remask",
+        action="store_true",
+        help="in each of those rounds, prune W - BA afresh first, so that the mask follows the factors",
+    )
+    parser.add_argument(
         "--forward-dtype",
         default="auto",
         choices=FORWARD_DTYPES,
@@ -303,6 +308,7 @@ def _config(args: argparse.Namespace, method: str) -> PruneConfig:
         low_rank=args.low_rank,
         low_rank_budget=args.low_rank_budget,
         low_rank_rounds=args.low_rank_rounds,
+        low_rank_remask=args.low_rank_remask,
         forward_dtype=args.forward_dtype,
         **quantization,
     )

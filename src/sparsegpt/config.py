@@ -33,7 +33,8 @@ class PruneConfig:
     ``low_rank`` (a rank) or ``low_rank_budget`` (the share of each layer's parameter count its factors may
     take) adds a low-rank term BA to every pruned layer, fitted in closed form to its outputs
     (``solver.lowrank``), then ``low_rank_rounds`` rounds alternate between re-solving the kept weights
-    and re-fitting BA.
+    and re-fitting BA; with ``low_rank_remask`` each round first prunes W − BA afresh by the method, so
+    that the mask follows what the factors leave.
 
     ``forward_dtype`` ("bfloat16" or "float16") runs the calibration forward passes under autocast in that
     precision (matrix products in it, weights kept as they are); the Hessians are summed in float32 from
@@ -66,6 +67,7 @@ class PruneConfig:
     low_rank: int = 0
     low_rank_budget: float | None = None
     low_rank_rounds: int = 0
+    low_rank_remask: bool = False
     forward_dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
@@ -133,6 +135,10 @@ class PruneConfig:
                 raise SparseGPTError(f"the low-rank budget must be in (0, 1), got {self.low_rank_budget}")
         if self.low_rank_rounds and not self.uses_low_rank:
             raise SparseGPTError("--low-rank-rounds alternate with the low-rank term; give --low-rank or a budget")
+        if self.low_rank_remask and not self.low_rank_rounds:
+            raise SparseGPTError(
+                "--low-rank-remask re-chooses the mask in the alternating rounds; give --low-rank-rounds"
+            )
         if self.low_rank_rounds and self.bits is not None:
             raise SparseGPTError("--low-rank-rounds move kept weights off the quantization grid; drop --bits")
 
@@ -221,6 +227,7 @@ def variant(config: PruneConfig, name: str) -> PruneConfig:
         "low_rank": 0,
         "low_rank_budget": None,
         "low_rank_rounds": 0,
+        "low_rank_remask": False,
     }
     for extra in extras:
         if extra == "owl":
@@ -235,6 +242,7 @@ def variant(config: PruneConfig, name: str) -> PruneConfig:
             changes["low_rank_budget"] = config.low_rank_budget
             changes["low_rank"] = 0 if config.low_rank_budget is not None else config.low_rank or DEFAULT_LOW_RANK
             changes["low_rank_rounds"] = config.low_rank_rounds
+            changes["low_rank_remask"] = config.low_rank_remask
         else:
             raise SparseGPTError(f"{name}: unknown extra {extra!r}; variants add {', '.join(VARIANT_EXTRAS)}")
     return replace(config, **changes)

@@ -48,7 +48,7 @@ from sparsegpt.solver import (
     wanda_prune,
 )
 from sparsegpt.solver.allocation import outlier_count, owl_counts
-from sparsegpt.solver.lowrank import alternate_low_rank
+from sparsegpt.solver.lowrank import Prune, alternate_low_rank
 from sparsegpt.solver.refine import fixed_mask, mask_scores, refine_weights, repair_mask
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,7 @@ def _solve(
     if stats is not None and reached and stats.full:
         hessian = stats.take_hessian() if last else stats.hessian()
     pattern = config.pattern
+    factor = None
     if config.method == "magnitude" or not reached:
         if config.method != "magnitude":
             note = "no calibration token reached this layer: pruned by magnitude"
@@ -328,6 +329,7 @@ def _solve(
     if rank:
         assert hessian is not None
         fit_damp = result.damp if config.method == "sparsegpt" else config.damp
+        reprune = _pruner(config, sparsity, column_norms, factor, fit_damp) if config.low_rank_remask else None
         try:
             fit = alternate_low_rank(
                 original,
@@ -338,11 +340,12 @@ def _solve(
                 config.low_rank_rounds,
                 fit_damp,
                 config.refine or DEFAULT_REFINE,
+                reprune,
             )
         except SparseGPTError as error:
             raise SparseGPTError(f"{weight.name}: {error}") from None
         sparse_error = relative_output_error(original, result.weight, hessian)
-        result.weight = fit.sparse
+        result.weight, result.mask = fit.sparse, fit.pruned
     error = None
     if hessian is not None:
         error = relative_output_error(original, result.weight + fit.product() if fit else result.weight, hessian)
@@ -367,6 +370,28 @@ def _solve(
         lora_b=fit.b if fit else None,
         lora_a=fit.a if fit else None,
     )
+
+
+def _pruner(
+    config: PruneConfig,
+    sparsity: float,
+    column_norms: torch.Tensor | None,
+    factor: InverseFactor | None,
+    damp: float,
+) -> Prune:
+    """The layer's method as a function of the weight it prunes (the low-rank rounds re-prune W − BA):
+    SparseGPT's sweep with the layer's inverse factor, Wanda with its column norms, or magnitude."""
+
+    def prune(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if config.method == "sparsegpt" and factor is not None:
+            result = sparsegpt_prune(target, factor, sparsity, config.pattern, config.blocksize, damp)
+        elif config.method == "wanda" and column_norms is not None:
+            result = wanda_prune(target, column_norms, sparsity, config.pattern)
+        else:
+            result = magnitude_prune(target, sparsity, config.pattern)
+        return result.weight, result.mask
+
+    return prune
 
 
 def _shared_factor(

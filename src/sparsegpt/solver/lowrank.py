@@ -7,14 +7,16 @@ truncated SVD of the whitened residual RL (Eckart–Young), mapped back by L⁻�
 (Liu et al. 2024), there written with an eigendecomposition of H; any factor of H gives the same
 product BA.
 
-``alternate_low_rank`` then alternates, as HASSLE-free (Makni et al. 2025) does: re-solve S's kept weights
-on its mask for the target W − BA (``refine.refine_weights``), and re-fit BA to W − S. No step raises the
-layer's loss.
+``alternate_low_rank`` then alternates, as HASSLE-free (Makni et al. 2025) does: re-solve S for the
+target W − BA, on its mask (``refine.refine_weights``) or after pruning W − BA afresh, which lets the mask
+follow the residual the factors leave, and re-fit BA to W − S. A round that would raise the layer's loss
+is not kept.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +31,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LowRankFit:
-    """Factors of the rank-r term BA: ``b`` (rows, r) and ``a`` (r, cols), and the sparse weight they
-    complete (rows, cols)."""
+    """Factors of the rank-r term BA: ``b`` (rows, r) and ``a`` (r, cols), the sparse weight they complete
+    (rows, cols) and its mask ``pruned`` (True = zero)."""
 
     b: torch.Tensor
     a: torch.Tensor
     sparse: torch.Tensor
+    pruned: torch.Tensor
 
     @property
     def rank(self) -> int:
@@ -101,6 +104,10 @@ def _best_scale(residual: torch.Tensor, product: torch.Tensor, hessian: torch.Te
     return float((weighted * residual).sum()) / energy if energy > 0 else 0.0
 
 
+Prune = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""target (rows, cols) → its pruned weight and mask (True = zero), at the layer's sparsity and pattern."""
+
+
 def alternate_low_rank(
     original: torch.Tensor,
     sparse: torch.Tensor,
@@ -110,21 +117,25 @@ def alternate_low_rank(
     rounds: int = 0,
     damp: float = 0.01,
     refine_iterations: int = 100,
+    prune: Prune | None = None,
 ) -> LowRankFit:
-    """Fit BA to W − S, then ``rounds`` times re-solve S on its mask for W − BA and re-fit BA.
+    """Fit BA to W − S, then ``rounds`` times re-solve S for W − BA and re-fit BA.
 
-    ``original`` W and ``sparse`` S are (rows, cols), ``pruned`` S's mask (True = zero, stays zero),
-    ``hessian`` H (cols, cols). A round that does not lower the layer's loss ‖(W − S − BA)X‖² ends the
+    ``original`` W and ``sparse`` S are (rows, cols), ``pruned`` S's mask (True = zero), ``hessian`` H
+    (cols, cols). A round re-solves S's kept weights on the mask for W − BA (``refine_iterations`` of the
+    refine solver); with ``prune`` it first prunes W − BA afresh, so that the mask may change, and
+    refines on the new mask. A round that does not lower the layer's loss ‖(W − S − BA)X‖² ends the
     alternation and is not kept.
     """
     b, a = fit_low_rank(original - sparse, hessian, rank, damp)
-    best = LowRankFit(b, a, sparse)
+    best = LowRankFit(b, a, sparse, pruned)
     loss = layer_loss(sparse + best.product(), original, hessian)
     for _ in range(rounds):
         target = original - best.product()
-        resolved = refine_weights(best.sparse, target, hessian, pruned, refine_iterations, damp).weight
+        start, mask = prune(target) if prune is not None else (best.sparse, best.pruned)
+        resolved = refine_weights(start, target, hessian, mask, refine_iterations, damp).weight
         b, a = fit_low_rank(original - resolved, hessian, rank, damp)
-        candidate = LowRankFit(b, a, resolved)
+        candidate = LowRankFit(b, a, resolved, mask)
         candidate_loss = layer_loss(resolved + candidate.product(), original, hessian)
         if not candidate_loss < loss:
             break
