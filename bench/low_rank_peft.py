@@ -3,7 +3,7 @@
 loader from the compact form with the sparse runtime. The three perplexities should agree to float32
 rounding.
 
-    python bench/low_rank_peft.py --pattern 2:4 --rank 16 --rounds 1 --nsamples 32 --eval-windows 32 --out /tmp/lr-peft
+    python bench/low_rank_peft.py --pattern 2:4 --rank 16 --rounds 0 --nsamples 8 --eval-windows 16 --out /tmp/lr-peft
 
 smollm2-135m, NSAMPLES × 512 sotu:train windows (seed 0), perplexity in float32 on 512-token windows of
 sotu:test; prints JSON and a table.
