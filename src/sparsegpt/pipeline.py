@@ -380,12 +380,15 @@ def _pruner(
     damp: float,
 ) -> Prune:
     """The layer's method as a function of the weight it prunes (the low-rank rounds re-prune W − BA):
-    SparseGPT's sweep with the layer's inverse factor, Wanda with its column norms, or magnitude."""
+    SparseGPT's sweep with the layer's inverse factor, Wanda with its column norms, or magnitude. Only
+    layers that calibration reached get factors, so the factor and the norms are there for their methods."""
 
     def prune(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if config.method == "sparsegpt" and factor is not None:
+        if config.method == "sparsegpt":
+            assert factor is not None
             result = sparsegpt_prune(target, factor, sparsity, config.pattern, config.blocksize, damp)
-        elif config.method == "wanda" and column_norms is not None:
+        elif config.method == "wanda":
+            assert column_norms is not None
             result = wanda_prune(target, column_norms, sparsity, config.pattern)
         else:
             result = magnitude_prune(target, sparsity, config.pattern)
