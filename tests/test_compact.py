@@ -165,6 +165,22 @@ def test_unpack_of_pack_is_bitwise_equal_and_loads_in_one_call(folders, tmp_path
     assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_folders_load_with_their_experts_fused(tmp_path, arch):
+    # save_pretrained writes each expert apart, and transformers fuses them into banks while loading (and
+    # renames Mixtral's block_sparse_moe to mlp): the compact reader must map the stored names the same way
+    model = tiny_model(arch)
+    prune_model(model, PruneConfig(blocksize=16), torch.randint(0, VOCAB, (4, 16)))
+    model.save_pretrained(tmp_path / "plain")
+    manifest = pack_folder(tmp_path / "plain", tmp_path / "compact")
+    assert any(".experts.0." in key for key in manifest["tensors"])  # stored one expert at a time
+    reference, loaded = load_pretrained(tmp_path / "plain"), load_pretrained(tmp_path / "compact")
+    for key, value in reference.state_dict().items():
+        assert same_bits(loaded.state_dict()[key], value), key
+    ids = torch.randint(0, VOCAB, (1, 12))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
 def test_compact_folder_is_smaller(folders, tmp_path):
     sizes = {}
     for name in ("dense", "half", "quant"):

@@ -268,6 +268,22 @@ def test_a_sparse_model_computes_what_its_decoded_model_does(folders, name, whic
         assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), length
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_models_run_with_their_banks_dense(tmp_path, arch):
+    # the experts, stored one tensor each, are fused into banks as transformers does (decoded: the runtime
+    # has no sparse module for a bank); the attention's and the shared expert's pruned linears run sparse
+    model = tiny_model(arch)
+    prune_model(model, PruneConfig(blocksize=16), torch.randint(0, VOCAB, (4, 16)))
+    model.save_pretrained(tmp_path / "plain")
+    pack_folder(tmp_path / "plain", tmp_path / "compact")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    for folder in (tmp_path / "compact", tmp_path / "plain"):
+        sparse = sparsegpt.load_pretrained(folder, runtime="sparse")
+        assert sparse_modules(sparse)
+        assert not any(".experts." in name for name, _ in sparse_modules(sparse))
+        assert torch.allclose(logits(sparse, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["2:4-fp32", "gptq-fp32", "gpt2"])
 def test_greedy_generation_is_identical_in_float32(folders, name):
     _, packed = folders[name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,86 @@ def find_blocks(model: nn.Module) -> list[Block]:
     if not any(block.weights for block in found):
         raise SparseGPTError("the model's decoder blocks contain no linear layers to prune")
     return found
+
+
+class CheckpointNames:
+    """A checkpoint's tensor keys as ``model`` names its tensors, by transformers' own load-time conversions:
+    renamed keys (GPT-NeoX's ``embed_out`` is its ``lm_head``) map one to one, and ``key`` maps back;
+    keys that are merged on load (per-expert MoE weights fused into one bank, as ``save_pretrained``
+    writes them apart) form a group whose targets ``convert`` makes from the members' tensors. Every key
+    maps to itself where transformers has no conversions."""
+
+    def __init__(self, model: nn.Module, keys: Iterable[str]) -> None:
+        self._model = model
+        self._keys: dict[str, str] = {}  # model name -> checkpoint key, for one-to-one tensors
+        self._names: dict[str, str] = {}  # checkpoint key -> model name, for one-to-one tensors
+        self._groups: dict[str, tuple[list[tuple[str, str]], Any]] = {}  # first target: members, converter
+        self._group_of: dict[str, str] = {}  # model name -> its group's first target
+        self._member_of: dict[str, str] = {}  # checkpoint key -> its group's first target
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import (
+                WeightConverter,
+                WeightRenaming,
+                dot_natural_key,
+                rename_source_key,
+            )
+        except ImportError:  # a transformers without load-time conversions
+            self._names = {key: key for key in keys}
+            self._keys = dict(self._names)
+            return
+        transforms = get_model_conversion_mapping(model)
+        renamings = [item for item in transforms if isinstance(item, WeightRenaming)]
+        converters = [item for item in transforms if isinstance(item, WeightConverter)]
+        by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        for key in sorted(keys, key=dot_natural_key):  # experts in their numeric order
+            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if pattern is None:
+                self._keys[renamed], self._names[key] = key, renamed
+                continue
+            group = self._groups.setdefault(renamed, ([], by_pattern[pattern]))
+            group[0].append((key, pattern))
+            self._member_of[key] = renamed
+            template = by_pattern[pattern].target_patterns
+            for target in template:
+                self._group_of[renamed.replace(template[0], target)] = renamed
+
+    def name(self, key: str) -> str | None:
+        """The model's name for checkpoint ``key``, or None where ``key`` is a member of a group."""
+        return self._names.get(key)
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of the model's tensor ``name`` (itself for tensors made by a conversion)."""
+        return self._keys.get(name, name)
+
+    def group(self, name: str) -> str | None:
+        """The group (named by its first target) that makes the model's tensor ``name``, if any."""
+        return self._group_of.get(name)
+
+    def group_of_key(self, key: str) -> str | None:
+        """The group checkpoint ``key`` is a member of, if any."""
+        return self._member_of.get(key)
+
+    def members(self, group: str) -> list[str]:
+        """The checkpoint keys ``group`` is made of, in order."""
+        return [key for key, _ in self._groups[group][0]]
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the checkpoint holds the model's tensor ``name`` (itself or the members of its group)."""
+        return name in self._group_of or self.key(name) in self._names
+
+    def convert(self, group: str, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's tensors ``group`` makes, from its members (``read(key)`` gives each one's tensor)."""
+        from copy import deepcopy
+
+        members, converter = self._groups[group]
+        mapping = deepcopy(converter)
+        for key, pattern in members:
+            mapping.add_tensor(group, key, pattern, read(key))
+        realized = mapping.convert(group, model=self._model, config=self._model.config)
+        return {target: tensor[0] if isinstance(tensor, list) else tensor for target, tensor in realized.items()}
 
 
 def prefer_eager_experts(model: nn.Module) -> None:

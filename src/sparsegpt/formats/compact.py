@@ -34,7 +34,7 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats.adapter import ADAPTER_FOLDER, has_adapter
 from sparsegpt.formats.atomic import write_folder_atomically, write_json_atomically
 from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, itemsize, read_header, read_tensor
-from sparsegpt.models import config_dtype, read_config
+from sparsegpt.models import CheckpointNames, config_dtype, read_config
 from sparsegpt.report import REPORT_NAME
 from sparsegpt.solver.quant import QuantGrid, dequantize, dequantize_groups, group_views, quantize
 
@@ -806,7 +806,8 @@ def unpack_folder(source: str | Path, target: str | Path, overwrite: bool = Fals
 
 def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
     """A transformers model from a compact folder, decoded tensor by tensor into a model built without
-    initialisation (peak memory: the dense model plus one tensor's parts)."""
+    initialisation (peak memory: the dense model plus one tensor's parts, or one group of tensors that
+    transformers merges on load, such as a layer's experts)."""
     from transformers import AutoModelForCausalLM
 
     manifest = read_manifest(folder)
@@ -816,7 +817,7 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = model.state_dict()
     loaded = set()
-    _decode_all(folder, manifest, state, loaded, torch.get_num_threads())
+    _decode_all(folder, manifest, CheckpointNames(model, manifest["tensors"]), state, loaded, torch.get_num_threads())
     model.tie_weights()
 
     state = model.state_dict()
@@ -828,18 +829,28 @@ def load_compact(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
 
 
 def _decode_all(
-    folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor], loaded: set[str], workers: int
+    folder: Path,
+    manifest: dict[str, Any],
+    names: CheckpointNames,
+    state: dict[str, torch.Tensor],
+    loaded: set[str],
+    workers: int,
 ) -> None:
     # Tensors decode independently (torch, numpy and zlib release the GIL): one worker per core, each
     # single-threaded. OpenMP's thread count is per thread, so each worker sets its own; otherwise every
     # worker would run a team of its own and they would fight over the cores.
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    members: dict[str, tuple[dict[str, Any], Callable[[str], torch.Tensor]]] = {}
     with pool:
         jobs = []
-        for name, entry, read in manifest_entries(folder, manifest):
+        for key, entry, read in manifest_entries(folder, manifest):
+            name = names.name(key)
+            if name is None:  # merged with others on load: decoded when its group is
+                members[key] = (entry, read)
+                continue
             if name not in state:
-                raise SparseGPTError(f"{name}: the compact folder holds a tensor the model does not have")
-            jobs.append(pool.submit(_decode_into, name, entry, read, state[name]))
+                raise SparseGPTError(f"{key}: the compact folder holds a tensor the model does not have")
+            jobs.append(pool.submit(_decode_into, key, entry, read, state[name]))
             loaded.add(name)
         try:
             for job in jobs:
@@ -847,6 +858,13 @@ def _decode_all(
         finally:
             for job in jobs:
                 job.cancel()
+    for group in dict.fromkeys(names.group_of_key(key) for key in members):
+        for name, tensor in names.convert(group, lambda key: decode_tensor(key, *members.pop(key))).items():
+            if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+                raise SparseGPTError(f"{group}: the compact folder's tensors make a {name} the model does not have")
+            with torch.no_grad():
+                state[name].copy_(tensor)
+            loaded.add(name)
 
 
 def _decode_into(name: str, entry: dict[str, Any], read: Callable[[str], torch.Tensor], out: torch.Tensor) -> None:

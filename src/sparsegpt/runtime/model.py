@@ -21,7 +21,7 @@ from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
 from sparsegpt.formats.shards import read_header, read_tensor
 from sparsegpt.host import trim_freed_memory
-from sparsegpt.models import config_dtype, read_config
+from sparsegpt.models import CheckpointNames, config_dtype, read_config
 from sparsegpt.runtime.kernels import KINDS
 from sparsegpt.runtime.linear import PackedWeight, Scratch, SparseLinear
 
@@ -45,14 +45,26 @@ def load_sparse(folder: Path, dtype: torch.dtype | str = "auto") -> nn.Module:
     dtype = config_dtype(config, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    entries = (
-        compact.manifest_entries(folder, compact.read_manifest(folder))
-        if compact.is_compact(folder)
-        else _plain_entries(folder)
-    )
+    if compact.is_compact(folder):
+        manifest = compact.read_manifest(folder)
+        keys, entries = list(manifest["tensors"]), compact.manifest_entries(folder, manifest)
+    else:
+        keys = [key for path in compact.dense_files(folder) for key in read_header(path)[1]]
+        entries = _plain_entries(folder)
+    names = CheckpointNames(model, keys)
     sparse, scratch = 0, Scratch()
-    for name, entry, read in entries:
-        sparse += _load_entry(model, name, entry, read, dtype, scratch)
+    members: dict[str, torch.Tensor] = {}  # of a group transformers merges on load (experts into a bank)
+    for key, entry, read in entries:
+        name = names.name(key)
+        if name is not None:
+            sparse += _load_entry(model, name, compact.read_stored(key, entry, read), dtype, scratch)
+            continue
+        members[key] = compact.decode_stored(compact.read_stored(key, entry, read))
+        group = names.group_of_key(key)
+        assert group is not None
+        if all(member in members for member in names.members(group)):
+            for target, tensor in names.convert(group, members.pop).items():
+                _put_dense(model, target, tensor, dtype)
     model.tie_weights()
     missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if missing:
@@ -94,23 +106,12 @@ def _plain_entries(folder: Path) -> Iterator[Entry]:
             yield name, entry, parts.__getitem__
 
 
-def _load_entry(
-    model: nn.Module,
-    name: str,
-    entry: dict[str, Any],
-    read: Callable[[str], torch.Tensor],
-    dtype: torch.dtype,
-    scratch: Scratch,
-) -> int:
-    """Put one stored tensor into ``model``; 1 where it became a sparse module, else 0."""
+def _load_entry(model: nn.Module, name: str, stored: compact.StoredTensor, dtype: torch.dtype, scratch: Scratch) -> int:
+    """Put one stored tensor into ``model`` as its tensor ``name``; 1 where it became a sparse module, else 0."""
     from transformers.pytorch_utils import Conv1D
 
     owner_name, _, attribute = name.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name)
-    except AttributeError:
-        raise SparseGPTError(f"{name}: the folder holds a tensor the model does not have") from None
-    stored = compact.read_stored(name, entry, read)
+    owner = _owner(model, name)
     linear = (isinstance(owner, nn.Linear) and not stored.transposed) or (
         isinstance(owner, Conv1D) and stored.transposed
     )
@@ -128,9 +129,23 @@ def _load_entry(
         return 1
     if stored.encoding == "plain":
         assert stored.values is not None
-        tensor = stored.values
+        _put_dense(model, name, stored.values, dtype)
     else:  # a sparse tensor the runtime has no module for (an expert bank, a float64 weight): dense
-        tensor = compact.decode_stored(stored)
+        _put_dense(model, name, compact.decode_stored(stored), dtype)
+    return 0
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds the model's tensor ``name``."""
+    try:
+        return model.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        raise SparseGPTError(f"{name}: the folder holds a tensor the model does not have") from None
+
+
+def _put_dense(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Make ``tensor`` the model's parameter or buffer ``name`` (floating point ones in ``dtype``)."""
+    owner, attribute = _owner(model, name), name.rpartition(".")[2]
     if tensor.is_floating_point():
         tensor = tensor.to(dtype)
     if attribute in owner._parameters:
@@ -146,4 +161,3 @@ def _load_entry(
         owner._buffers[attribute] = tensor
     else:
         raise SparseGPTError(f"{name}: the folder holds a tensor the model does not have")
-    return 0

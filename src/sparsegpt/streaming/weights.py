@@ -22,7 +22,15 @@ from torch import nn
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
 from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, LazyTensor, read_header, read_tensor
-from sparsegpt.models import Block, config_dtype, find_block_list, find_weights, prefer_eager_experts, read_config
+from sparsegpt.models import (
+    Block,
+    CheckpointNames,
+    config_dtype,
+    find_block_list,
+    find_weights,
+    prefer_eager_experts,
+    read_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,8 @@ class WeightSource:
         else:
             raise SparseGPTError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}: streaming needs safetensors weights")
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
-        self._keys: dict[str, str] = {}  # model name -> checkpoint key, for one-to-one tensors
-        self._groups: dict[str, tuple[list[tuple[str, str]], Any]] = {}  # converted: members, converter
-        self._group_of: dict[str, str] = {}  # model name -> its group
+        self._names: CheckpointNames | None = None
         self._realized: dict[str, torch.Tensor] = {}  # converted, not yet taken
-        self._model: nn.Module | None = None
 
     def __enter__(self) -> WeightSource:
         return self
@@ -58,65 +63,27 @@ class WeightSource:
         self._headers.clear()
 
     def attach(self, model: nn.Module) -> None:
-        """Name tensors as ``model`` does, with transformers' own load-time conversions: renamed keys
-        (GPT-NeoX's ``embed_out`` is its ``lm_head``) map one to one, and ``key`` maps back; tensors that
-        are merged or split on load (per-expert MoE weights fused into one bank) are converted as a group
-        when one of their targets is first read."""
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import (
-                WeightConverter,
-                WeightRenaming,
-                dot_natural_key,
-                rename_source_key,
-            )
-        except ImportError:  # a transformers without load-time conversions
-            return
-        transforms = get_model_conversion_mapping(model)
-        renamings = [item for item in transforms if isinstance(item, WeightRenaming)]
-        converters = [item for item in transforms if isinstance(item, WeightConverter)]
-        by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
-        meta = model.state_dict()
-        prefix = getattr(model, "base_model_prefix", None)
-        self._model = model
-        for key in sorted(self.files, key=dot_natural_key):  # experts in their numeric order
-            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-            if pattern is None:
-                self._keys[renamed] = key
-                continue
-            group = self._groups.setdefault(renamed, ([], by_pattern[pattern]))
-            group[0].append((key, pattern))
-            template = by_pattern[pattern].target_patterns
-            for target in template:
-                self._group_of[renamed.replace(template[0], target)] = renamed
+        """Name tensors as ``model`` does (``models.CheckpointNames``): tensors that are merged on load
+        are converted as a group when one of their targets is first read."""
+        self._names = CheckpointNames(model, self.files)
 
     def key(self, name: str) -> str:
         """The checkpoint key of the model's tensor ``name`` (itself for tensors made by a conversion)."""
-        return self._keys.get(name, name)
+        return name if self._names is None else self._names.key(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._group_of or self.key(name) in self.files
+        return name in self._names if self._names is not None else name in self.files
 
     def read(self, name: str) -> torch.Tensor:
         """The model's tensor ``name``, read from its file (or converted from the tensors it is made of)."""
-        if name in self._group_of:
-            return self._converted(name)
-        return self._read_key(self.key(name))
-
-    def _converted(self, name: str) -> torch.Tensor:
-        from copy import deepcopy
-
-        first = self._group_of[name]
+        group = None if self._names is None else self._names.group(name)
+        if group is None:
+            return self._read_key(self.key(name))
         if name not in self._realized:
-            members, converter = self._groups[first]
-            mapping = deepcopy(converter)
-            for key, pattern in members:
-                mapping.add_tensor(first, key, pattern, self._read_key(key))
-            realized = mapping.convert(first, model=self._model, config=self._model.config)
-            for target, tensor in realized.items():
-                self._realized[target] = tensor[0] if isinstance(tensor, list) else tensor
+            assert self._names is not None
+            self._realized.update(self._names.convert(group, self._read_key))
         if name not in self._realized:
-            raise SparseGPTError(f"{self.folder}: converting the tensors of {first} did not produce {name}")
+            raise SparseGPTError(f"{self.folder}: converting the tensors of {group} did not produce {name}")
         return self._realized.pop(name)
 
     def _read_key(self, name: str) -> torch.Tensor:
