@@ -23,7 +23,13 @@ from sparsegpt.solver import (
     split_count,
     wanda_prune,
 )
-from sparsegpt.solver.sparsegpt import FACTORIZATIONS, lower_triangular_inverse, triangular_product
+from sparsegpt.solver.sparsegpt import (
+    FACTORIZATIONS,
+    lower_triangular_inverse,
+    prepare_hessian,
+    reverse_in_place,
+    triangular_product,
+)
 
 from reference import problem, slow_sparsegpt
 
@@ -248,6 +254,24 @@ def test_inverse_cholesky_factor_gives_the_damped_inverse(factorization, cols):
     # the upper factor with a positive diagonal is unique: both ways give the same U
     other = inverse_hessian_cholesky(hessian, 0.01, "inverse" if factorization == "reversed" else "reversed")[0]
     torch.testing.assert_close(upper, other)
+    assert torch.equal(hessian, problem(4, cols)[1])  # the Hessian itself is left as it was
+
+
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+def test_dead_inputs_factorize_as_a_prepared_hessian(factorization):
+    _, hessian, _ = problem(6, 40, dead=[0, 17])
+    dead = hessian.diagonal() == 0
+    prepared, _ = prepare_hessian(hessian)
+    upper, _ = inverse_hessian_cholesky(hessian, 0.01, factorization, dead)
+    assert torch.equal(upper, inverse_hessian_cholesky(prepared, 0.01, factorization)[0])
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 513])
+def test_reverse_in_place_is_a_flip_of_both_axes(size):
+    matrix = torch.randn(size, size, generator=torch.Generator().manual_seed(size))
+    expected = matrix.flip(0, 1)
+    reverse_in_place(matrix, rows=3)
+    assert torch.equal(matrix, expected)
 
 
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])

@@ -92,7 +92,7 @@ llmcompressor also follows: the same bits, so the same masks)."""
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, damp: float, factorization: str = "reversed"
+    hessian: torch.Tensor, damp: float, factorization: str = "reversed", dead: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H), so that H⁻¹ = UᵀU.
 
@@ -101,6 +101,11 @@ def inverse_hessian_cholesky(
     (the upper factor with a positive diagonal is unique): one factorization and one triangular inverse.
     "inverse" factorizes H, inverts it from its factor and factorizes the inverse, as the reference code
     does. Both are equally accurate (docs/RESULTS.md, "The solver alone"); they round differently.
+
+    ``dead`` (cols,) marks inputs that never fired, whose diagonal counts as 1 (``prepare_hessian``; given
+    here so that the caller needs no prepared copy of H). ``hessian`` is not modified: each attempt works
+    on one copy of it, factorized and inverted in place ((cols, cols) matrices are the largest memory cost
+    of pruning a wide layer).
 
     When a factorization fails the relative damping is multiplied by ten and the attempt repeated (each
     raise is logged); after ``DAMPING_STEPS`` failures a ``SparseGPTError`` is raised. Returns U and the
@@ -111,14 +116,11 @@ def inverse_hessian_cholesky(
     if not _all_finite(hessian):
         raise SparseGPTError("the Hessian has NaN or Inf entries (non-finite layer inputs)")
     diagonal = hessian.diagonal().clone()
+    if dead is not None:
+        diagonal[dead] = 1.0
     mean_diagonal = diagonal.mean()
     for step in range(DAMPING_STEPS + 1):
-        # H + λI is formed in place (only the diagonal changes, and it is restored), and each
-        # temporary is dropped once the next exists: (cols, cols) matrices are the largest memory cost
-        # of pruning a wide layer
-        hessian.diagonal().copy_(diagonal + damp * mean_diagonal)
-        upper = _upper_inverse_factor(hessian, factorization)
-        hessian.diagonal().copy_(diagonal)
+        upper = _upper_inverse_factor(hessian, diagonal + damp * mean_diagonal, factorization)
         if upper is not None and _all_finite(upper):
             return upper, damp
         if step < DAMPING_STEPS:
@@ -127,18 +129,42 @@ def inverse_hessian_cholesky(
     raise SparseGPTError(f"Hessian is not positive definite even with relative damping {damp:.3g}")
 
 
-def _upper_inverse_factor(hessian: torch.Tensor, factorization: str) -> torch.Tensor | None:
-    """U with H⁻¹ = UᵀU (see ``inverse_hessian_cholesky``), or None where a factorization fails."""
+def _upper_inverse_factor(hessian: torch.Tensor, diagonal: torch.Tensor, factorization: str) -> torch.Tensor | None:
+    """U with (H with ``diagonal``)⁻¹ = UᵀU (see ``inverse_hessian_cholesky``), or None where a
+    factorization fails; in one working copy of H where the sequence allows."""
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     if factorization == "reversed":
-        lower, info = torch.linalg.cholesky_ex(hessian.flip(0, 1))
-        return lower_triangular_inverse(lower).flip(0, 1) if info == 0 else None
-    lower, info = torch.linalg.cholesky_ex(hessian)
+        work = hessian.flip(0, 1)  # P·H·P, a copy: the one matrix this factorization writes
+        work.diagonal().copy_(diagonal.flip(0))
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        if info != 0:
+            return None
+        invert_lower_triangular(work)
+        reverse_in_place(work)
+        return work
+    work = hessian.clone()
+    work.diagonal().copy_(diagonal)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if info != 0:
         return None
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    return upper if info == 0 else None
+    inverse = torch.cholesky_inverse(work)
+    del work
+    torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, info))
+    return inverse if info == 0 else None
+
+
+def reverse_in_place(matrix: torch.Tensor, rows: int = 256) -> None:
+    """matrix ← P·matrix·P (entry (i, j) from (n−1−i, n−1−j)), ``rows`` rows at a time: without a second
+    matrix (torch's ``flip`` copies)."""
+    size = matrix.shape[0]
+    for start in range(0, size // 2, rows):
+        stop = min(start + rows, size // 2)
+        top = matrix[start:stop].flip(0, 1)
+        matrix[start:stop] = matrix[size - stop : size - start].flip(0, 1)
+        matrix[size - stop : size - start] = top
+    if size % 2:
+        middle = matrix[size // 2]
+        middle.copy_(middle.flip(0))
 
 
 @dataclass(frozen=True)
@@ -156,31 +182,39 @@ def inverse_factor(
     hessian: torch.Tensor, damp: float = 0.01, factorization: str = "reversed", dtype: torch.dtype = torch.float32
 ) -> InverseFactor:
     """Factorize ``hessian`` for ``sparsegpt_prune`` in ``dtype`` (see ``inverse_hessian_cholesky``)."""
-    prepared, dead = prepare_hessian(hessian.to(dtype))
-    upper, damp = inverse_hessian_cholesky(prepared, damp, factorization)
+    dead = hessian.diagonal() == 0
+    upper, damp = inverse_hessian_cholesky(hessian.to(dtype), damp, factorization, dead)
     return InverseFactor(upper, damp, dead)
 
 
 def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """L⁻¹ of a lower triangular matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
+    """L⁻¹ of a lower triangular matrix (a new one; ``invert_lower_triangular`` works in place)."""
+    inverse = lower.clone()
+    invert_lower_triangular(inverse, leaf)
+    return inverse
+
+
+def invert_lower_triangular(lower: torch.Tensor, leaf: int = 256) -> None:
+    """lower ← L⁻¹ in place, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]] (entries above
+    the diagonal are read as zeros and left as they are).
 
     The off-diagonal block is two products with a triangular factor (``triangular_product``), so the
     whole inverse costs n³/3 floating-point operations, the least a triangular inverse needs (solving
     against the identity costs n³), mostly at the matrix-multiply rate; blocks of at most ``leaf`` rows
-    are solved directly."""
+    are solved directly. Besides the matrix it holds about a quarter of one at a time."""
     size = lower.shape[0]
     if size <= leaf:
         identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, identity, upper=False)
+        lower.copy_(torch.linalg.solve_triangular(lower, identity, upper=False))
+        return
     half = size // 2
-    inverse = torch.zeros_like(lower)
-    first = lower_triangular_inverse(lower[:half, :half], leaf)  # A⁻¹
-    second = lower_triangular_inverse(lower[half:, half:], leaf)  # B⁻¹
-    inverse[:half, :half], inverse[half:, half:] = first, second
+    first, second, corner = lower[:half, :half], lower[half:, half:], lower[half:, :half]
+    invert_lower_triangular(first, leaf)  # A⁻¹
+    invert_lower_triangular(second, leaf)  # B⁻¹
     # C·A⁻¹ = (A⁻ᵀ·Cᵀ)ᵀ with A⁻ᵀ upper triangular
-    right = triangular_product(first.T, lower[half:, :half].T, lower=False).T
-    inverse[half:, :half] = triangular_product(second, right).neg_()
-    return inverse
+    right = triangular_product(first.T, corner.T, lower=False).T
+    corner.copy_(triangular_product(second, right).neg_())
+    del right
 
 
 def triangular_product(
@@ -204,10 +238,12 @@ def triangular_product(
     return out
 
 
-def _all_finite(matrix: torch.Tensor) -> bool:
+def _all_finite(matrix: torch.Tensor, rows: int = 256) -> bool:
     """No NaN or infinity in ``matrix``: then (and only then, for float32 entries, whose float64 sum cannot
-    overflow) the float64 sum is finite. One reading pass, without a boolean copy of the matrix."""
-    return bool(torch.isfinite(matrix.sum(dtype=torch.float64)))
+    overflow) the float64 sum is finite. One reading pass, ``rows`` rows at a time: torch widens the whole
+    operand of a float64 sum first, a copy twice the matrix's size."""
+    sums = [band.sum(dtype=torch.float64) for band in matrix.split(rows)]
+    return bool(torch.isfinite(torch.stack(sums).sum()))
 
 
 @torch.no_grad()
