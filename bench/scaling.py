@@ -3,7 +3,7 @@ accuracy against dense; and how much calibration text each method needs.
 
     python bench/scaling.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
         [--methods sparsegpt,wanda,magnitude] [--levels 0.5,2:4,0.7] [--nsamples 128] [--eval-windows 32]
-        [--tasks arc_easy,...] [--limit 100] [--calibration-sizes 32,128,512]
+        [--tasks arc_easy,...] [--limit 100] [--eval-precision auto] [--calibration-sizes 32,128,512]
         [--calibration-model qwen2.5-coder-0.5b] [--results /tmp/scaling.jsonl] [--plot scaling.png]
 
 For each model, one ``sparsegpt.sweep`` (loaded once, every method at every level pruned from the dense
@@ -43,12 +43,12 @@ def parameter_count(alias: str) -> int:
 def run_sweep(
     alias: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace, with_tasks: bool
 ) -> dict:
-    evaluations = [sparsegpt.Evaluation(source, 512, args.eval_windows) for source in SOURCES]
+    evaluations = [sparsegpt.Evaluation(source, 512, args.eval_windows, args.eval_precision) for source in SOURCES]
     tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks and with_tasks else None
     config = PruneConfig(nsamples=nsamples, seqlen=512)
     started = time.perf_counter()
     result = sparsegpt.sweep(alias, methods, levels, config, "sotu:train", evaluations, tasks=tasks)
-    return {"seconds": time.perf_counter() - started, **result}
+    return {"seconds": time.perf_counter() - started, "eval_precision": args.eval_precision, **result}
 
 
 def done(path: Path) -> dict[tuple[str, str, int], dict]:
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--tasks", default=",".join(OFFLINE_TASKS), help="empty: no zero-shot tasks")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--eval-precision", default="auto", help="how perplexity is scored (sparsegpt.Evaluation)")
     parser.add_argument("--calibration-sizes", default="32,128,512", help="empty: skip this part")
     parser.add_argument("--calibration-model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--results", type=Path, default=Path("/tmp/scaling.jsonl"))
