@@ -240,3 +240,25 @@ def test_a_partial_run_is_kept_until_resumed_with_the_same_settings_or_overwritt
 def test_streaming_needs_a_model_folder(tmp_path, capsys):
     code = main(["-q", "prune", str(tmp_path / "nothing"), "-o", str(tmp_path / "x"), "--stream"])
     assert code == 2 and "local transformers folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("band_bytes", [1, 100, 2**20])
+def test_rows_of_a_stored_tensor_are_read_band_by_band(tmp_path, band_bytes):
+    from sparsegpt.formats.shards import read_header, read_rows, write_safetensors
+
+    table = torch.randn(37, 6)
+    write_safetensors({"table": table}, tmp_path / "t.safetensors")
+    start, header = read_header(tmp_path / "t.safetensors")
+    for rows in ([0], [36], [3, 4, 5, 30], list(range(37))):
+        got = read_rows(tmp_path / "t.safetensors", start, "table", header["table"], torch.tensor(rows), band_bytes)
+        assert torch.equal(got, table[rows])
+
+
+def test_a_streamed_prune_never_reads_the_whole_embedding_before_it_writes_it(folders, tmp_path, monkeypatch):
+    from sparsegpt.streaming.weights import WeightSource
+
+    whole = []
+    original = WeightSource.read
+    monkeypatch.setattr(WeightSource, "read", lambda self, name: whole.append(name) or original(self, name))
+    prune_streamed(folders["llama"], tmp_path / "out", PruneConfig(nsamples=4, seqlen=16), windows(4))
+    assert whole.count("model.embed_tokens.weight") == 1  # once: written into the output at the end

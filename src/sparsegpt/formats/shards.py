@@ -75,6 +75,31 @@ def read_tensor(path: Path, start: int, name: str, entry: dict[str, Any]) -> tor
     return tensor
 
 
+def read_rows(
+    path: Path, start: int, name: str, entry: dict[str, Any], rows: torch.Tensor, band_bytes: int = 32 * 2**20
+) -> torch.Tensor:
+    """Rows ``rows`` (sorted, distinct indices along the first dimension) of one tensor of a safetensors
+    file, read band by band: never more than ``band_bytes`` of the rest of the tensor in memory."""
+    shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+    row_bytes = itemsize(dtype) * math.prod(shape[1:])
+    out = torch.empty((len(rows), *shape[1:]), dtype=dtype)
+    band_rows = max(1, band_bytes // max(row_bytes, 1))
+    with path.open("rb") as handle:
+        for first in range(0, shape[0], band_rows):
+            wanted = slice(*torch.searchsorted(rows, torch.tensor([first, first + band_rows])).tolist())
+            if wanted.start == wanted.stop:
+                continue
+            low, high = int(rows[wanted.start]), int(rows[wanted.stop - 1]) + 1
+            band = torch.empty((high - low, *shape[1:]), dtype=dtype)
+            handle.seek(start + entry["data_offsets"][0] + low * row_bytes)
+            if handle.readinto(memoryview(band.reshape(-1).view(torch.uint8).numpy())) != band.numel() * itemsize(
+                dtype
+            ):
+                raise SparseGPTError(f"{path.name}: tensor {name} is truncated")
+            out[wanted] = band[rows[wanted] - low]
+    return out
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read (not mapped)."""
     start, header = read_header(path)

@@ -172,7 +172,7 @@ def prune_streamed(
     work = partial_folder(out)
     started = time.perf_counter()
     with ExitStack() as stack:
-        skeleton = open_skeleton(folder, dtype, device, stack, output_layer=False)
+        skeleton = open_skeleton(folder, dtype, device, stack, output_layer=False, input_embedding=False)
         config = replace(config, forward_dtype=resolve_forward_dtype(config, skeleton.dtype, device))
         fingerprint = _fingerprint(folder, config, calibration, skeleton.dtype, device)
         state = _start(work, fingerprint, resume, overwrite)
@@ -239,9 +239,13 @@ def _calibrated(
     modules = list(skeleton.blocks)
     total = len(modules)
     first = skeleton.load_block(0)  # the structure blocks return is learnt from a real call of block 0
-    entering, calls = capture_block_inputs(
-        skeleton.model, [first] + [_stub(skeleton, i) for i in range(1, total)], batches
-    )
+    rows = torch.unique(calibration)  # the embedding's rows the calibration tokens read, sorted
+    with skeleton.embedding_rows(rows):
+        entering, calls = capture_block_inputs(
+            skeleton.model,
+            [first] + [_stub(skeleton, i) for i in range(1, total)],
+            [torch.searchsorted(rows.to(device), batch) for batch in batches],
+        )
     skeleton.release_outside()  # the blocks' inputs are known: the embedding is not needed again
     if state["done"] == total:  # killed while finishing: only the last files are missing
         skeleton.release_block(0)
@@ -440,6 +444,7 @@ def plan(
         ]
         others = sum(count for _, count in outside) * size
         others_but_head = sum(count for is_head, count in outside if not is_head) * size
+        vocabulary, row = embedding.weight.shape if embedding is not None else (0, 0)
         weights_on_disk = skeleton.source.nbytes()
     hidden = config_hidden or 0
     tokens = config.nsamples * config.seqlen if config.needs_calibration else 0
@@ -452,9 +457,11 @@ def plan(
     block_peak = biggest["bytes"] + biggest["hessian_bytes"] + solver + forward
     spilled = offload_dir is not None
     resident_activations = 2 * batch_tokens * hidden * size if spilled else activations
-    # the parts outside the blocks are held while the first block's inputs are captured (all of them in
-    # memory then), and dropped while blocks are pruned
-    capture = others_but_head + blocks[0]["bytes"] + tokens * hidden * size  # an untied output layer stays unread
+    # the parts outside the blocks are held while the first block's inputs are captured, and dropped while
+    # blocks are pruned; of the embedding only the rows of the calibration's tokens are read, and an untied
+    # output layer not at all
+    embedding_rows = min(vocabulary, tokens) * row * size
+    capture = others_but_head - vocabulary * row * size + embedding_rows + blocks[0]["bytes"] + tokens * hidden * size
     if device.type == "cpu":
         peaks = {"cpu": PROCESS_BASELINE + max(capture, block_peak + resident_activations)}
     else:

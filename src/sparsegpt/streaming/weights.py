@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
-from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, LazyTensor, read_header, read_tensor
+from sparsegpt.formats.shards import INDEX_NAME, SINGLE_NAME, LazyTensor, read_header, read_rows, read_tensor
 from sparsegpt.models import (
     Block,
     CheckpointNames,
@@ -86,7 +86,20 @@ class WeightSource:
             raise SparseGPTError(f"{self.folder}: converting the tensors of {group} did not produce {name}")
         return self._realized.pop(name)
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of the model's tensor ``name``, without reading the rest into
+        memory (where the tensor is stored as it is; one made by a conversion is read whole first)."""
+        if self._names is not None and self._names.group(name) is not None:
+            return self.read(name)[rows]
+        path, start, entry = self._locate(self.key(name))
+        return read_rows(path, start, self.key(name), entry, rows)
+
     def _read_key(self, name: str) -> torch.Tensor:
+        path, start, entry = self._locate(name)
+        return read_tensor(path, start, name, entry)
+
+    def _locate(self, name: str) -> tuple[Path, int, dict[str, Any]]:
+        """The file of checkpoint tensor ``name``, its data offset and its header entry."""
         path = self.files.get(name)
         if path is None:
             raise SparseGPTError(f"{self.folder}: the weights lack tensor {name}")
@@ -98,7 +111,7 @@ class WeightSource:
         entry = header.get(name)
         if entry is None:
             raise SparseGPTError(f"{path.name}: the index places {name} here, but the file lacks it")
-        return read_tensor(path, start, name, entry)
+        return path, start, entry
 
     def nbytes(self) -> int:
         """Total size of the weight files."""
@@ -138,6 +151,22 @@ class Skeleton:
         name = self.block_name(index)
         stored = _stored(self.blocks[index])
         return {self.source.key(f"{name}.{key}"): tensor.detach().cpu() for key, tensor in stored.items()}
+
+    @contextmanager
+    def embedding_rows(self, rows: torch.Tensor) -> Iterator[None]:
+        """Inside, the input embedding holds only the rows ``rows`` (sorted, distinct token ids), read
+        without the rest: the model then takes each token as its index in ``rows``. With a large
+        vocabulary the embedding is the largest tensor a streamed prune would otherwise load whole."""
+        embedding = self.model.get_input_embeddings()
+        full = embedding.weight
+        name = next(path for path, module in self.model.named_modules() if module is embedding)
+        tensor = self.source.read_rows(f"{name}.weight", rows.cpu()).to(device=self.device, dtype=self.dtype)
+        embedding._parameters["weight"] = nn.Parameter(tensor, requires_grad=False)
+        try:
+            yield
+        finally:
+            embedding._parameters["weight"] = full
+            self.model.tie_weights()
 
     def release_outside(self) -> None:
         """Drop the parameters outside the blocks (the embedding, the output layer: with a large vocabulary
@@ -224,10 +253,12 @@ def open_skeleton(
     stack: ExitStack,
     load: bool = True,
     output_layer: bool = True,
+    input_embedding: bool = True,
 ) -> Skeleton:
     """Build ``folder``'s model without weights and (with ``load``) load everything outside its decoder
     blocks onto ``device``; without ``output_layer``, all but an output layer of its own (pruning never
-    runs it; a tied one is the embedding and loads with it)."""
+    runs it; a tied one is the embedding and loads with it); without ``input_embedding``, all but the
+    input embedding (``Skeleton.embedding_rows`` reads the rows a calibration set needs)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -246,9 +277,11 @@ def open_skeleton(
     if not load:
         return Skeleton(model, list_name, blocks, source, dtype, device)
     inside = {id(module) for module in blocks.modules()}
-    head = model.get_output_embeddings()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if not output_layer and head is not None:
         inside.add(id(head))
+    if not input_embedding:
+        inside.add(id(embedding))
     for path, module in model.named_modules():
         if id(module) in inside:
             continue
@@ -264,6 +297,7 @@ def open_skeleton(
                 module._buffers[key] = buffer.to(device)
     model.tie_weights()
     skipped = {id(param) for param in head.parameters()} if not output_layer and head is not None else set()
+    skipped |= {id(param) for param in embedding.parameters()} if not input_embedding else set()
     missing = [
         name
         for name, param in model.named_parameters()
