@@ -254,11 +254,19 @@ def test_rows_of_a_stored_tensor_are_read_band_by_band(tmp_path, band_bytes):
         assert torch.equal(got, table[rows])
 
 
-def test_a_streamed_prune_never_reads_the_whole_embedding_before_it_writes_it(folders, tmp_path, monkeypatch):
+def test_a_streamed_prune_never_reads_the_whole_embedding_before_it_writes_it(tmp_path, monkeypatch):
     from sparsegpt.streaming.weights import WeightSource
 
+    model = tiny_model("llama")
+    model.config.pad_token_id = VOCAB - 1  # a padding row the calibration never reads (Qwen's is its last)
+    model.model.embed_tokens.padding_idx = VOCAB - 1
+    model.save_pretrained(tmp_path / "model")
+    calibration = windows(4) % 10
     whole = []
     original = WeightSource.read
     monkeypatch.setattr(WeightSource, "read", lambda self, name: whole.append(name) or original(self, name))
-    prune_streamed(folders["llama"], tmp_path / "out", PruneConfig(nsamples=4, seqlen=16), windows(4))
+    config = PruneConfig(nsamples=4, seqlen=16)
+    prune_streamed(tmp_path / "model", tmp_path / "out", config, calibration)
     assert whole.count("model.embed_tokens.weight") == 1  # once: written into the output at the end
+    prune_model(model, config, calibration)
+    assert_same_weights(load_pretrained(tmp_path / "out"), model)

@@ -158,14 +158,18 @@ class Skeleton:
         without the rest: the model then takes each token as its index in ``rows``. With a large
         vocabulary the embedding is the largest tensor a streamed prune would otherwise load whole."""
         embedding = self.model.get_input_embeddings()
-        full = embedding.weight
+        full, padding = embedding.weight, getattr(embedding, "padding_idx", None)
         name = next(path for path, module in self.model.named_modules() if module is embedding)
         tensor = self.source.read_rows(f"{name}.weight", rows.cpu()).to(device=self.device, dtype=self.dtype)
         embedding._parameters["weight"] = nn.Parameter(tensor, requires_grad=False)
+        if padding is not None:  # it only shapes gradients, and may lie past the rows read
+            embedding.padding_idx = None
         try:
             yield
         finally:
             embedding._parameters["weight"] = full
+            if padding is not None:
+                embedding.padding_idx = padding
             self.model.tie_weights()
 
     def release_outside(self) -> None:
