@@ -28,6 +28,7 @@ from sparsegpt.solver.sparsegpt import (
     lower_triangular_inverse,
     prepare_hessian,
     reverse_in_place,
+    transpose_in_place,
     triangular_product,
 )
 
@@ -267,11 +268,13 @@ def test_dead_inputs_factorize_as_a_prepared_hessian(factorization):
 
 
 @pytest.mark.parametrize("size", [1, 2, 7, 8, 513])
-def test_reverse_in_place_is_a_flip_of_both_axes(size):
+def test_reverse_and_transpose_in_place(size):
     matrix = torch.randn(size, size, generator=torch.Generator().manual_seed(size))
     expected = matrix.flip(0, 1)
     reverse_in_place(matrix, rows=3)
     assert torch.equal(matrix, expected)
+    transpose_in_place(matrix, tile=3)
+    assert torch.equal(matrix, expected.T)
 
 
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])

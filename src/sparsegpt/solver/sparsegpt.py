@@ -132,25 +132,52 @@ def inverse_hessian_cholesky(
 def _upper_inverse_factor(hessian: torch.Tensor, diagonal: torch.Tensor, factorization: str) -> torch.Tensor | None:
     """U with (H with ``diagonal``)⁻¹ = UᵀU (see ``inverse_hessian_cholesky``), or None where a
     factorization fails; in one working copy of H where the sequence allows."""
-    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     if factorization == "reversed":
         work = hessian.flip(0, 1)  # P·H·P, a copy: the one matrix this factorization writes
         work.diagonal().copy_(diagonal.flip(0))
-        torch.linalg.cholesky_ex(work, out=(work, info))
-        if info != 0:
+        if not _cholesky_in_place(work):
             return None
         invert_lower_triangular(work)
         reverse_in_place(work)
         return work
     work = hessian.clone()
     work.diagonal().copy_(diagonal)
-    torch.linalg.cholesky_ex(work, out=(work, info))
-    if info != 0:
+    if not _cholesky_in_place(work):
         return None
     inverse = torch.cholesky_inverse(work)
     del work
+    info = torch.empty((), dtype=torch.int32, device=inverse.device)
     torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, info))
     return inverse if info == 0 else None
+
+
+def _cholesky_in_place(matrix: torch.Tensor) -> bool:
+    """matrix (symmetric, row-major) ← its lower Cholesky factor L, without a second matrix; False where
+    it is not positive definite. LAPACK works on column-major matrices, which torch copies a row-major
+    one into; the transposed view of a symmetric matrix is that matrix in column-major order already, so
+    it is factorized where it lies (the same routine on the same numbers: the same bits), leaving Lᵀ in
+    row-major order, which is then transposed in place."""
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    column_major = matrix.T
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
+    if info != 0:
+        return False
+    transpose_in_place(matrix)
+    return True
+
+
+def transpose_in_place(matrix: torch.Tensor, tile: int = 256) -> None:
+    """matrix ← matrixᵀ for a square matrix, swapping ``tile`` × ``tile`` blocks (torch's transposes are
+    views, and a contiguous one is a copy)."""
+    size = matrix.shape[0]
+    for first in range(0, size, tile):
+        rows = slice(first, first + tile)
+        matrix[rows, rows] = matrix[rows, rows].T.clone()
+        for second in range(first + tile, size, tile):
+            columns = slice(second, second + tile)
+            upper = matrix[rows, columns].clone()
+            matrix[rows, columns] = matrix[columns, rows].T
+            matrix[columns, rows] = upper.T
 
 
 def reverse_in_place(matrix: torch.Tensor, rows: int = 256) -> None:
