@@ -21,7 +21,7 @@ They are pruned once with SparseGPT on a small calibration (16 × 256 tokens of 
 not depend on which weights are kept) into ``--work`` and reused by later runs.
 
     python bench/inference.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 3] [--json FILE]
-    python bench/inference.py --kernel-rates    # each encoding's product rate on one core, from cache
+    python bench/inference.py --kernel-rates [--from-memory]    # each encoding's rate on one core
 """
 
 from __future__ import annotations
@@ -238,14 +238,18 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def kernel_rates(rows: int = 512, cols: int = 896, calls: int = 500) -> list[dict]:
-    """Each encoding's product rate on one core from cache (a 512 × 896 weight, one token, bf16 inputs),
-    for every instruction set the kernels have here: what the arithmetic allows, apart from memory."""
+def kernel_rates(from_memory: bool = False) -> list[dict]:
+    """Each encoding's product rate on one core (one token, bf16 inputs), for every instruction set the
+    kernels have here: from cache (one 512 × 896 weight multiplied over and over: what the arithmetic
+    allows, apart from memory), or ``from_memory`` (24 weights of 4864 × 896, qwen2.5-coder-0.5b's MLP
+    shape, in turn: about 3 times this host's last-level cache for the 4-bit formats), with the rate at
+    which the encoding's bytes are read."""
     from sparsegpt.formats.compact import QuantSpec, encode_tensor, read_stored
     from sparsegpt.runtime import kernels
     from sparsegpt.runtime.linear import PackedWeight
     from sparsegpt.solver.quant import QuantGrid, dequantize_groups
 
+    rows, cols, copies, calls = (4864, 896, 24, 10) if from_memory else (512, 896, 1, 500)
     generator = torch.Generator().manual_seed(0)
 
     def weight(sparsity: float, pattern: bool, bits: int | None) -> tuple[torch.Tensor, QuantSpec | None]:
@@ -274,14 +278,26 @@ def kernel_rates(rows: int = 512, cols: int = 896, calls: int = 500) -> list[dic
     inputs = torch.randn(1, cols, generator=generator).bfloat16()
     results = []
     for name, (matrix, spec) in cases.items():
-        entry, parts = encode_tensor("w", matrix, spec)
-        packed = PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__))
-        for isa in kernels.available_isas():
+        packs = []
+        for _ in range(copies):  # each its own memory
+            entry, parts = encode_tensor("w", matrix, spec)
+            packs.append(PackedWeight.from_stored(read_stored("w", entry, parts.__getitem__)))
+        for isa in kernels.available_isas()[1:] if from_memory else kernels.available_isas():  # not portable
             seconds = median_seconds(
-                lambda packed=packed, isa=isa: [packed.matvec(inputs, isa=isa, threads=1) for _ in range(calls)], 3
+                lambda packs=packs, isa=isa: [
+                    packed.matvec(inputs, isa=isa, threads=1) for _ in range(calls) for packed in packs
+                ],
+                3,
             )
+            products = calls * copies / seconds
             results.append(
-                {"format": name, "isa": kernels.ISA_NAMES[isa], "gweights_per_s": rows * cols * calls / seconds / 1e9}
+                {
+                    "format": name,
+                    "isa": kernels.ISA_NAMES[isa],
+                    "from": "memory" if from_memory else "cache",
+                    "gweights_per_s": rows * cols * products / 1e9,
+                    "gbytes_per_s": packs[0].nbytes * products / 1e9,
+                }
             )
     return results
 
@@ -338,13 +354,17 @@ def main() -> None:
     parser.add_argument(
         "--kernel-rates", action="store_true", help="only each encoding's rate on one core from cache (seconds)"
     )
+    parser.add_argument("--from-memory", action="store_true", help="with --kernel-rates: weights beyond the cache")
     args = parser.parse_args()
     if args.kernel_rates:
-        rates = kernel_rates()
+        rates = kernel_rates(args.from_memory)
         print(json.dumps(rates, indent=1))
-        print("| format | instruction set | G weights/s, one core, from cache |\n|---|---|---|")
+        where = "from memory" if args.from_memory else "from cache"
+        print(
+            f"| format | instruction set | G weights/s, one core, {where} | GB/s of encoding read |\n|---|---|---|---|"
+        )
         for rate in rates:
-            print(f"| {rate['format']} | {rate['isa']} | {rate['gweights_per_s']:.2f} |")
+            print(f"| {rate['format']} | {rate['isa']} | {rate['gweights_per_s']:.2f} | {rate['gbytes_per_s']:.2f} |")
         return
     args.formats = [name.strip() for name in args.formats.split(",")]
     torch.set_num_threads(args.threads)
