@@ -242,8 +242,8 @@ def kernel_rates(from_memory: bool = False) -> list[dict]:
     """Each encoding's product rate on one core (one token, bf16 inputs), for every instruction set the
     kernels have here: from cache (one 512 × 896 weight multiplied over and over: what the arithmetic
     allows, apart from memory), or ``from_memory`` (24 weights of 4864 × 896, qwen2.5-coder-0.5b's MLP
-    shape, in turn: about 3 times this host's last-level cache for the 4-bit formats), with the rate at
-    which the encoding's bytes are read."""
+    shape, in turn: 41 MB or more in every format, read in a cycle, so a last-level cache of 32 MB keeps
+    none of them), with the rate at which the encoding's bytes are read."""
     from sparsegpt.formats.compact import QuantSpec, encode_tensor, read_stored
     from sparsegpt.runtime import kernels
     from sparsegpt.runtime.linear import PackedWeight
