@@ -11,7 +11,8 @@ weights; calibration ``--nsamples`` × 512 tokens of sotu:train, seed 0) scored 
 calibration's domain) and enwiki (out of it), ``--eval-windows`` windows of 512 tokens each, and on the
 zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at 50%
 calibrated on each of ``--calibration-sizes`` windows (perplexity only). Each finished sweep is appended to ``--results``
-(JSON lines; a model already there is not run again), so an interrupted run continues. Prints Markdown
+(JSON lines; a model already there is not run again), and each row of a sweep is kept as it is measured
+(``sparsegpt.journal``, beside ``--results``), so an interrupted run continues from its last row. Prints Markdown
 tables (perplexity, mean accuracy, the relative perplexity increase over dense and the accuracy drop) and
 draws ``--plot``: the relative increase against the parameter count, one line per method and level.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import sparsegpt
 from sparsegpt import OFFLINE_TASKS, PruneConfig, assets
+from sparsegpt.journal import RowJournal
 
 SOURCES = ("sotu:test", "enwiki")
 
@@ -41,13 +43,29 @@ def parameter_count(alias: str) -> int:
 
 
 def run_sweep(
-    alias: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace, with_tasks: bool
+    alias: str, kind: str, methods: list[str], levels: list[str], nsamples: int, args: argparse.Namespace
 ) -> dict:
     evaluations = [sparsegpt.Evaluation(source, 512, args.eval_windows, args.eval_precision) for source in SOURCES]
-    tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks and with_tasks else None
+    tasks = sparsegpt.ZeroShot(args.tasks.split(","), args.limit) if args.tasks and kind == "sizes" else None
     config = PruneConfig(nsamples=nsamples, seqlen=512)
+    settings = {"methods": methods, "levels": levels, "config": config.to_dict(), "windows": args.eval_windows}
+    settings |= {"eval_precision": args.eval_precision, "tasks": args.tasks if tasks else None, "limit": args.limit}
+    journal = RowJournal(
+        args.results.with_name(f"{args.results.stem}-{alias}-{kind}-{nsamples}"), settings, True, False
+    )
     started = time.perf_counter()
-    result = sparsegpt.sweep(alias, methods, levels, config, "sotu:train", evaluations, tasks=tasks)
+    result = sparsegpt.sweep(
+        alias,
+        methods,
+        levels,
+        config,
+        "sotu:train",
+        evaluations,
+        tasks=tasks,
+        on_row=journal.append,
+        finished=list(journal.rows),
+    )
+    journal.remove()
     return {"seconds": time.perf_counter() - started, "eval_precision": args.eval_precision, **result}
 
 
@@ -166,7 +184,7 @@ def main() -> None:
             continue
         if kind == "calibration" and (alias, "sizes", nsamples) in done(args.results):
             continue  # the size sweep at this calibration already holds these rows
-        result = run_sweep(alias, its_methods, its_levels, nsamples, args, with_tasks=kind == "sizes")
+        result = run_sweep(alias, kind, its_methods, its_levels, nsamples, args)
         entry = {"alias": alias, "kind": kind, "nsamples": nsamples, "parameters": parameter_count(alias), **result}
         with args.results.open("a") as sink:
             sink.write(json.dumps(entry) + "\n")

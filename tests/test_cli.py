@@ -138,6 +138,61 @@ def test_sweep_writes_json_table_and_plot(workspace, capsys, tmp_path):
     assert row["sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
+class _Killed(Exception):
+    """Stands for the process being killed: raised after the journal has kept a row."""
+
+
+def test_an_interrupted_sweep_resumes_with_the_rows_it_measured(workspace, capsys, tmp_path, monkeypatch):
+    from sparsegpt import api
+    from sparsegpt.formats.atomic import partial_folder
+    from sparsegpt.journal import ROWS_NAME, RowJournal
+
+    def sweep(out, *extra):
+        argv = ["sweep", str(workspace / "model"), "-o", str(out), "--sparsities", "0.5,0.7", "--patterns", "2:4"]
+        argv += ["--methods", "magnitude,sparsegpt", *calibration(workspace), "--eval", str(workspace / "calib.txt")]
+        return run(capsys, *argv, *extra)
+
+    code, _, stderr = sweep(tmp_path / "whole")
+    assert code == 0, stderr
+    whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())["rows"]
+    assert not partial_folder(tmp_path / "whole").exists()
+
+    out, keep = tmp_path / "cut", RowJournal.append
+
+    def append_then_die(journal, row):
+        keep(journal, row)
+        if len(journal.rows) == 3:
+            raise _Killed
+
+    monkeypatch.setattr(RowJournal, "append", append_then_die)
+    with pytest.raises(_Killed):
+        sweep(out)
+    monkeypatch.setattr(RowJournal, "append", keep)
+    assert not out.exists()
+    rows_file = partial_folder(out) / ROWS_NAME
+    with rows_file.open("a") as sink:
+        sink.write('{"method": "sparsegpt", "lev')  # the kill came in the middle of the fourth row's line
+
+    code, _, stderr = sweep(out)
+    assert code == 2 and "--resume" in stderr and stderr.count("\n") == 1, stderr
+    code, _, stderr = sweep(out, "--resume", "--seed", "1")
+    assert code == 2 and "different config" in stderr and stderr.count("\n") == 1, stderr
+
+    pruned = []
+    real_prune = api._prune
+    monkeypatch.setattr(
+        api, "_prune", lambda prepared, entry, *rest: pruned.append(entry) or real_prune(prepared, entry, *rest)
+    )
+    code, _, stderr = sweep(out, "--resume")
+    assert code == 0, stderr
+    assert len(pruned) == len(whole) - 3  # dense and the two rows kept before the kill were not measured again
+    resumed = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(row["method"], row.get("level"), row["ppl"]) for row in resumed] == [
+        (row["method"], row.get("level"), row["ppl"]) for row in whole
+    ]
+    assert not partial_folder(out).exists()
+
+
 def test_sweep_and_compare_refuse_unknown_variants(workspace, capsys, tmp_path):
     for argv in (
         ["sweep", str(workspace / "model"), "-o", str(tmp_path / "s"), "--methods", "sparsegpt+magic"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -319,12 +320,17 @@ def sweep(
     dtype: str = "auto",
     progress: bool = False,
     tasks: ZeroShot | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    finished: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Perplexity (and zero-shot scores of ``tasks``) of every method (or variant) at every sparsity level
     (``0.7`` or ``2:4``), plus dense.
 
     Combinations that cannot be run (OWL with an N:M pattern, say) are listed under "skipped" with the
-    reason. Returns {"rows": [{"method", "level", "sparsity", "prune_seconds", "ppl"}], "skipped": [...], ...}.
+    reason. Returns {"rows": [{"method", "level", "sparsity", "prune_seconds", "ppl", "eval_precision"}],
+    "skipped": [...], ...}. ``on_row`` is called with each row as soon as it is measured; rows in
+    ``finished`` (those ``on_row`` saw in an interrupted sweep with the same settings) are taken as they are
+    instead of being pruned and scored again.
     """
     config = config or PruneConfig()
     entries: list[tuple[str, str | None, PruneConfig | None]] = [("dense", None, None)]
@@ -339,7 +345,9 @@ def sweep(
             except SparseGPTError as error:
                 skipped.append({"method": method, "level": text, "reason": str(error)})
                 log.warning("skipping %s at %s: %s", method, text, error)
-    result = _run_entries(model, config, entries, calibration, evaluations or [], dtype, progress, tasks)
+    result = _run_entries(
+        model, config, entries, calibration, evaluations or [], dtype, progress, tasks, on_row, finished
+    )
     result["skipped"] = skipped
     return result
 
@@ -353,15 +361,23 @@ def _run_entries(
     dtype: str,
     progress: bool,
     tasks: ZeroShot | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    finished: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Load once, then for each (method, level, config) entry prune from the dense weights (None: stay
-    dense) and measure every evaluation and task."""
-    needs_calibration = any(entry.needs_calibration for _, _, entry in entries if entry is not None)
+    dense) and measure every evaluation and task; an entry with a row in ``finished`` takes that row."""
+    earlier = {(row["method"], row.get("level")): row for row in finished}
+    entries_left = [entry for entry in entries if (entry[0], entry[1]) not in earlier]
+    needs_calibration = any(entry.needs_calibration for _, _, entry in entries_left if entry is not None)
     prepared = _prepare(model, config, calibration, evaluations, dtype, needs_calibration, tasks)
     dense_state = {name: tensor.clone() for name, tensor in prepared.model.state_dict().items()}
     rows = []
     precisions: dict[str, str] = {}
     for method, level_text, entry in entries:
+        if (method, level_text) in earlier:
+            rows.append(earlier[method, level_text])
+            precisions.update(earlier[method, level_text].get("eval_precision", {}))
+            continue
         prepared.model.load_state_dict(dense_state)
         row: dict[str, Any] = {"method": method, "sparsity": 0.0, "prune_seconds": 0.0, "ppl": {}}
         if level_text is not None:
@@ -376,10 +392,13 @@ def _run_entries(
         with low_rank_hooks(prepared.model, factors):
             for name, windows, asked in prepared.evaluations:
                 row["ppl"][name], precisions[name] = _score(prepared.model, windows, asked, progress)
+            row["eval_precision"] = {name: precisions[name] for name in row["ppl"]}
             if tasks is not None:
                 row.update(task_summary(*evaluate_tasks(prepared.model, prepared.tokenizer, tasks, progress)))
         rows.append(row)
         log.info("%s: %s", method, row)
+        if on_row is not None:
+            on_row(row)
     return {
         "model": prepared.source,
         "calibration": prepared.calibration_name,

@@ -20,6 +20,8 @@ from sparsegpt.solver import NMPattern
 from sparsegpt.solver.refine import MASK_SCORES
 from sparsegpt.zeroshot import OFFLINE_TASKS
 
+log = logging.getLogger(__name__)
+
 EXIT_USAGE = 2
 DEMO_HINT = "example: sparsegpt prune smollm2-135m -o pruned --calib sotu:train --eval sotu:test"
 
@@ -272,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(sweep)
     sweep.set_defaults(eval=["sotu:test"])
     sweep.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep to the same output: the rows it measured are kept",
+    )
 
     commands.add_parser("fetch-assets", help="download and prepare the default model and texts")
     return parser
@@ -543,16 +550,42 @@ def _sweep(
     zero_shot: Any,
     progress: bool,
 ) -> None:
+    import dataclasses
+
     import sparsegpt
     from sparsegpt.formats import atomic
+    from sparsegpt.journal import RowJournal
     from sparsegpt.plot import plot_sweep
 
     levels = [text.strip() for text in f"{args.sparsities},{args.patterns}".split(",") if text.strip()]
     if not levels:
         raise SparseGPTError("give at least one level with --sparsities or --patterns")
     atomic.check_output_folder(args.output, args.overwrite)
+    settings = {
+        "model": args.model,
+        "methods": methods,
+        "levels": levels,
+        "config": config.to_dict(),
+        "calibration": args.calib,
+        "evaluations": [dataclasses.asdict(evaluation) for evaluation in evaluations],
+        "tasks": dataclasses.asdict(zero_shot) if zero_shot is not None else None,
+        "dtype": args.dtype,
+    }
+    journal = RowJournal(args.output, settings, args.resume, args.overwrite)
+    if journal.rows:
+        log.info("resuming the sweep to %s: %d rows already measured", args.output, len(journal.rows))
     result = sparsegpt.sweep(
-        args.model, methods, levels, config, args.calib, evaluations, args.dtype, progress, zero_shot
+        args.model,
+        methods,
+        levels,
+        config,
+        args.calib,
+        evaluations,
+        args.dtype,
+        progress,
+        zero_shot,
+        on_row=journal.append,
+        finished=list(journal.rows),
     )
     table = _sweep_table(result)
 
@@ -562,6 +595,7 @@ def _sweep(
         plot_sweep(result, folder / "sweep.png")
 
     atomic.write_folder_atomically(args.output, fill, args.overwrite)
+    journal.remove()
     print(table)
     for item in result["skipped"]:
         print(f"skipped {item['method']} at {item['level']}: {item['reason']}")
@@ -682,7 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
 
     # a streamed run is about peak memory: freed memory goes back to the system there
-    if any(getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run")):
+    streamed = args.command == "prune" and any(
+        getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run")
+    )
+    if streamed:
         return_freed_memory()
     else:
         keep_freed_memory()
@@ -693,7 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsegpt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("sparsegpt: interrupted; nothing was written", file=sys.stderr)
+        kept = (
+            "the same command with --resume continues where it stopped" if streamed or args.command == "sweep" else ""
+        )
+        print(f"sparsegpt: interrupted; {kept or 'nothing was written'}", file=sys.stderr)
         return 130
     return code or 0
 

@@ -24,6 +24,13 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         raise SparseGPTError(f"cannot write {out}: folder {parent} does not exist")
 
 
+def partial_folder(out: Path) -> Path:
+    """The fixed sibling folder ``.<out>.sparsegpt-partial`` where a long run to ``out`` keeps its work
+    until it is done (a streamed prune's blocks, a sweep's rows), so the same command can continue it."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.sparsegpt-partial"
+
+
 def write_folder_atomically(out: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
     """Build the folder in a sibling temporary folder with ``fill``, then move it into place."""
     check_output_folder(out, overwrite)

@@ -27,7 +27,7 @@ from sparsegpt.config import PruneConfig
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.formats import compact
 from sparsegpt.formats.adapter import has_adapter, read_adapter, write_adapter
-from sparsegpt.formats.atomic import check_output_folder, publish_folder, write_json_atomically
+from sparsegpt.formats.atomic import check_output_folder, partial_folder, publish_folder, write_json_atomically
 from sparsegpt.formats.shards import INDEX_NAME, itemsize, load_safetensors, read_header, save_durably
 from sparsegpt.host import available_memory
 from sparsegpt.models import Block, find_weights, low_rank_hooks
@@ -49,12 +49,6 @@ log = logging.getLogger(__name__)
 PROGRESS_NAME = "progress.json"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 _OWN_FILES = {REPORT_NAME, compact.QUANT_SIDECAR, compact.MANIFEST, INDEX_NAME, PROGRESS_NAME}
-
-
-def partial_folder(out: Path) -> Path:
-    """Where a streamed run to ``out`` keeps its work until it is done."""
-    out = out.resolve()
-    return out.parent / f".{out.name}.sparsegpt-partial"
 
 
 @dataclass
