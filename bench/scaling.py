@@ -128,15 +128,16 @@ def plot(entries: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib import pyplot, ticker
 
     figure, panels = pyplot.subplots(1, len(SOURCES), figsize=(11, 4.5), sharey=True)
     try:
         keys = list(
             dict.fromkeys((row["method"], row["level"]) for e in entries for row in e["rows"] if "level" in row)
         )
+        methods = list(dict.fromkeys(method for method, _ in keys))
         for panel, source in zip(panels, SOURCES):
-            for index, (method, level) in enumerate(keys):
+            for method, level in keys:
                 points = []
                 for entry in sorted(entries, key=lambda entry: entry["parameters"]):
                     dense = next(row for row in entry["rows"] if row["method"] == "dense")
@@ -145,14 +146,24 @@ def plot(entries: list[dict], path: Path) -> None:
                         points.append((entry["parameters"], relative(found[0], dense, source)))
                 style = {"0.5": "-", "2:4": "--"}.get(level, ":")
                 panel.plot(
-                    *zip(*points), marker="o", linestyle=style, color=f"C{index // 3}", label=f"{method} {level}"
+                    *zip(*points),
+                    marker="o",
+                    linestyle=style,
+                    color=f"C{methods.index(method)}",  # a colour per method, a line style per level
+                    label=f"{method} {level}",
                 )
             panel.set_xscale("log")
             panel.set_yscale("log")
+            panel.yaxis.set_major_locator(ticker.FixedLocator([0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50, 100]))
+            panel.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+            panel.yaxis.set_minor_formatter(ticker.NullFormatter())
+            panel.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value / 1e6:.0f}M"))
+            panel.xaxis.set_minor_formatter(ticker.NullFormatter())
+            panel.set_xticks([entry["parameters"] for entry in entries])
             panel.set_xlabel("parameters")
             panel.set_title(f"perplexity increase over dense, {source}", fontsize=9)
             panel.grid(True, which="both", alpha=0.3)
-        panels[0].set_ylabel("ppl / dense ppl - 1")
+        panels[0].set_ylabel("perplexity increase over dense (log scale)")
         panels[-1].legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(path, dpi=120)
