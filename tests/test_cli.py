@@ -155,7 +155,7 @@ def test_an_interrupted_sweep_resumes_with_the_rows_it_measured(workspace, capsy
     code, _, stderr = sweep(tmp_path / "whole")
     assert code == 0, stderr
     whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())["rows"]
-    assert not partial_folder(tmp_path / "whole").exists()
+    assert not partial_folder(tmp_path / "whole", "rows").exists()
 
     out, keep = tmp_path / "cut", RowJournal.append
 
@@ -169,7 +169,7 @@ def test_an_interrupted_sweep_resumes_with_the_rows_it_measured(workspace, capsy
         sweep(out)
     monkeypatch.setattr(RowJournal, "append", keep)
     assert not out.exists()
-    rows_file = partial_folder(out) / ROWS_NAME
+    rows_file = partial_folder(out, "rows") / ROWS_NAME
     with rows_file.open("a") as sink:
         sink.write('{"method": "sparsegpt", "lev')  # the kill came in the middle of the fourth row's line
 
@@ -190,7 +190,7 @@ def test_an_interrupted_sweep_resumes_with_the_rows_it_measured(workspace, capsy
     assert [(row["method"], row.get("level"), row["ppl"]) for row in resumed] == [
         (row["method"], row.get("level"), row["ppl"]) for row in whole
     ]
-    assert not partial_folder(out).exists()
+    assert not partial_folder(out, "rows").exists()
 
 
 def test_sweep_and_compare_refuse_unknown_variants(workspace, capsys, tmp_path):

@@ -716,9 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
 
     # a streamed run is about peak memory: freed memory goes back to the system there
-    streamed = args.command == "prune" and any(
-        getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run")
-    )
+    streamed = any(getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run"))
     if streamed:
         return_freed_memory()
     else:
@@ -730,10 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsegpt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        kept = (
-            "the same command with --resume continues where it stopped" if streamed or args.command == "sweep" else ""
-        )
-        print(f"sparsegpt: interrupted; {kept or 'nothing was written'}", file=sys.stderr)
+        resumable = args.command == "sweep" or (args.command == "prune" and streamed)
+        kept = "the same command with --resume continues where it stopped" if resumable else "nothing was written"
+        print(f"sparsegpt: interrupted; {kept}", file=sys.stderr)
         return 130
     return code or 0
 

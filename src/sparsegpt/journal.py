@@ -1,7 +1,7 @@
 """Rows of a long measurement (a sweep) kept on disk as they are measured, so an interrupted run continues.
 
-The journal lives in the output's partial folder (``formats.atomic.partial_folder``, where a streamed
-prune keeps its progress too): ``settings.json`` (what the rows were measured with) and ``rows.jsonl``
+The journal lives in the sibling folder ``.<out>.sparsegpt-rows`` (``formats.atomic.partial_folder``):
+``settings.json`` (what the rows were measured with) and ``rows.jsonl``
 (one finished row a line, each flushed to disk before the next is started). The output itself is still
 written atomically at the end, after which the journal is removed.
 """
@@ -31,11 +31,12 @@ class RowJournal:
     """
 
     def __init__(self, out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        self.folder = partial_folder(out)
+        self.folder = partial_folder(out, "rows")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from settings.json
         self.rows: list[dict[str, Any]] = []
         if (self.folder / SETTINGS_NAME).is_file() and not overwrite:
-            self.rows = self._read_rows()
+            complete = self._complete_lines()
+            self.rows = [json.loads(line) for line in complete.splitlines() if line]
             if not resume:
                 raise SparseGPTError(
                     f"an interrupted run to this output is at {self.folder} ({len(self.rows)} rows measured): "
@@ -49,21 +50,21 @@ class RowJournal:
                     f"cannot resume {self.folder}: it was measured with different {', '.join(changed)}; "
                     "use --overwrite to start again"
                 )
+            rows_file = self.folder / ROWS_NAME
+            if rows_file.is_file() and rows_file.read_text() != complete:
+                rows_file.write_text(complete)  # the torn line goes before the next row is appended
             return
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir()
         write_json_atomically(self.folder / SETTINGS_NAME, self.settings)
 
-    def _read_rows(self) -> list[dict[str, Any]]:
+    def _complete_lines(self) -> str:
+        """The rows file up to its last line end: a last line without its end was cut short by a kill, and
+        its row is measured again."""
         path = self.folder / ROWS_NAME
-        if not path.is_file():
-            return []
-        text = path.read_text()
-        complete = text[: text.rfind("\n") + 1]  # a last line without its end was cut short: measured again
-        if complete != text:
-            path.write_text(complete)
-        return [json.loads(line) for line in complete.splitlines() if line]
+        text = path.read_text() if path.is_file() else ""
+        return text[: text.rfind("\n") + 1]
 
     def append(self, row: dict[str, Any]) -> None:
         """Keep ``row`` on disk (flushed and synced) before the run goes on."""

@@ -24,11 +24,12 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         raise SparseGPTError(f"cannot write {out}: folder {parent} does not exist")
 
 
-def partial_folder(out: Path) -> Path:
-    """The fixed sibling folder ``.<out>.sparsegpt-partial`` where a long run to ``out`` keeps its work
-    until it is done (a streamed prune's blocks, a sweep's rows), so the same command can continue it."""
+def partial_folder(out: Path, kind: str = "partial") -> Path:
+    """The fixed sibling folder ``.<out>.sparsegpt-<kind>`` where a long run to ``out`` keeps its work
+    until it is done, so the same command can continue it: a streamed prune's blocks ("partial"), a
+    sweep's rows ("rows"; a kind of its own, so that neither run ever removes the other's work)."""
     out = out.resolve()
-    return out.parent / f".{out.name}.sparsegpt-partial"
+    return out.parent / f".{out.name}.sparsegpt-{kind}"
 
 
 def write_folder_atomically(out: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
