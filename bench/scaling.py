@@ -50,9 +50,8 @@ def run_sweep(
     config = PruneConfig(nsamples=nsamples, seqlen=512)
     settings = {"methods": methods, "levels": levels, "config": config.to_dict(), "windows": args.eval_windows}
     settings |= {"eval_precision": args.eval_precision, "tasks": args.tasks if tasks else None, "limit": args.limit}
-    journal = RowJournal(
-        args.results.with_name(f"{args.results.stem}-{alias}-{kind}-{nsamples}"), settings, True, False
-    )
+    out = args.results.with_name(f"{args.results.stem}-{alias}-{kind}-{nsamples}")
+    journal = RowJournal(out, settings, resume=True, overwrite=False)
     started = time.perf_counter()
     result = sparsegpt.sweep(
         alias,
