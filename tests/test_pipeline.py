@@ -237,6 +237,64 @@ def test_observing_stops_each_forward_after_the_last_weight_input(arch):
         assert torch.equal(whole[name].gram, cut[name].gram) and whole[name].tokens == cut[name].tokens
 
 
+def test_bf16_forwards_round_each_shared_linear_input_once(monkeypatch):
+    """Under bf16 forwards an input that several layers read (q, k, v; gate, up) is rounded once for the
+    layers and their statistics together, where autocast alone rounds it once per layer and again for the
+    statistics; the block's outputs and statistics are bitwise the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_model("llama")
+    block, width = find_blocks(model)[0], model.config.hidden_size
+    weights = {parameter.data_ptr() for parameter in model.parameters()}  # autocast rounds them once anyway
+    hidden, calls = pipeline.capture_block_inputs(model, find_blocks(model), list(calibration(4, 16).split(2)))
+
+    class Roundings(TorchDispatchMode):  # float32 activations of the model's width rounded to bf16
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args else None
+            if (
+                func is torch.ops.aten._to_copy.default
+                and source.dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16
+                and source.ndim in (2, 3)  # (batch, tokens, width) or the statistics' (rows, width)
+                and source.shape[-1] == width
+                and source.data_ptr() not in weights
+            ):
+                Roundings.count += 1
+            return func(*args, **kwargs)
+
+    def run():
+        Roundings.count, outputs = 0, []
+        with Roundings():
+            stats = pipeline.observe_block(
+                block, block.weights, hidden, calls[0], torch.device("cpu"), outputs=outputs, forward_dtype="bfloat16"
+            )
+            pipeline.advance_block(block, [states.clone() for states in hidden], calls[0], "bfloat16")
+        return stats, outputs, Roundings.count
+
+    shared_stats, shared_outputs, shared_count = run()
+
+    class AutocastAlone(TorchFunctionMode):
+        def cast(self, inputs):
+            return inputs
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(pipeline, "SharedInputCasts", AutocastAlone)
+    plain_stats, plain_outputs, plain_count = run()
+    # per batch: two shared inputs (attention's, the MLP's), in the observing and the advancing forward
+    assert shared_count == 2 * 2 * len(hidden)
+    # autocast alone: q, k, v and gate, up each, in both forwards, and the two statistics' own roundings
+    assert plain_count == (5 + 5 + 2) * len(hidden)
+    assert all(torch.equal(a, b) for a, b in zip(shared_outputs, plain_outputs))
+    assert shared_stats.keys() == plain_stats.keys()
+    for name in shared_stats:
+        assert torch.equal(shared_stats[name].gram, plain_stats[name].gram), name
+
+
 def test_overrides_skip_and_set_sparsity():
     model = tiny_model("llama")
     config = PruneConfig(overrides=(("*.mlp.*", 0.25), ("*.layers.1.*", None)))

@@ -72,3 +72,33 @@ class OneDnnLinears(TorchFunctionMode):
             ):
                 return onednn_linear(inputs, weight, bias)
         return func(*args, **kwargs)
+
+
+class SharedInputCasts(TorchFunctionMode):
+    """Under autocast, ``F.linear`` of one float32 input tensor by several layers in a row (q, k and v; gate
+    and up) rounds that input to the autocast precision once, where autocast rounds it again for every
+    layer. The products are the same (autocast rounds it the same way); only the copies are saved. Every
+    other call goes to torch unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (input, its version, rounded)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and args and isinstance(args[0], torch.Tensor):
+            args = (self.cast(args[0]), *args[1:])
+        return func(*args, **kwargs)
+
+    def cast(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` rounded to the autocast precision of its device when autocast is on there and it is a
+        float32 tensor, the rounding of the previous call's tensor when it is that tensor unchanged; else
+        ``inputs`` itself."""
+        device = inputs.device.type
+        if inputs.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+            return inputs
+        last = self._last
+        if last is None or last[0] is not inputs or last[1] != inputs._version:
+            last = (inputs, inputs._version, inputs.to(torch.get_autocast_dtype(device)))
+            self._last = last
+        return last[2]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +29,7 @@ from sparsegpt.config import DEFAULT_REFINE, PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_bfloat16, float32_linears, product_backend
+from sparsegpt.linears import SharedInputCasts
 from sparsegpt.models import (
     Block,
     LinearWeight,
@@ -187,7 +189,8 @@ class LinearInputObserver(TorchFunctionMode):
     GPT-2's ``Conv1D`` and slices of fused expert banks. Weights that read the very same input tensor
     (q/k/v, gate/up) share one ``InputStatistics``; ``full=False`` keeps only the column norms.
     ``operands``: the precision the layers multiply in under autocast (their inputs are rounded to it
-    before their products are summed), or None.
+    before their products are summed), or None; ``casts`` (the autocast context's, see
+    ``forward_precision``) rounds each input once, for the layers and the statistics alike.
 
     With ``stop_early``, a forward is cut short (``_StopForward``) as soon as every weight has had its
     input: nothing after the block's last linear input (its matrix product, the residual add) is computed.
@@ -202,8 +205,10 @@ class LinearInputObserver(TorchFunctionMode):
         full: bool = True,
         operands: torch.dtype | None = None,
         stop_early: bool = False,
+        casts: SharedInputCasts | None = None,
     ) -> None:
         super().__init__()
+        self.casts = casts
         self.by_key = {weight.key: weight for weight in weights}
         self.device = device
         self.full = full
@@ -228,21 +233,25 @@ class LinearInputObserver(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             inputs, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            self._observe(inputs, weight)
+            rounded = self.casts.cast(inputs) if self.casts is not None else inputs
+            self._observe(inputs, weight, rounded)
+            args = (rounded, *args[1:])
         elif func is torch.addmm and len(args) >= 3:
-            self._observe(args[1], args[2])
+            self._observe(args[1], args[2], args[1])
         return func(*args, **kwargs)
 
-    def _observe(self, inputs: torch.Tensor, stored: torch.Tensor) -> None:
+    def _observe(self, inputs: torch.Tensor, stored: torch.Tensor, rounded: torch.Tensor) -> None:
+        """``rounded``: ``inputs`` as the layer multiplies them (``casts``); ``inputs`` tells which weights
+        share them."""
         weight = self.by_key.get((stored.data_ptr(), tuple(stored.shape)))
         if weight is None:
             return
-        self._accumulate(weight, inputs)
+        self._accumulate(weight, inputs, rounded)
         self._reads[weight.name] = self._reads.get(weight.name, 0) + 1
         if self._stop_early and self._batches > 1 and len(self._reads) == len(self.by_key):
             raise _StopForward
 
-    def _accumulate(self, weight: LinearWeight, inputs: torch.Tensor) -> None:
+    def _accumulate(self, weight: LinearWeight, inputs: torch.Tensor, rounded: torch.Tensor) -> None:
         shared = next((stats for seen, stats in self._seen if seen is inputs), None)
         statistics = self.statistics.get(weight.name)
         if statistics is None:
@@ -255,7 +264,7 @@ class LinearInputObserver(TorchFunctionMode):
             self.statistics[weight.name] = statistics
         elif shared is statistics:
             return
-        statistics.add(inputs.detach())
+        statistics.add(rounded.detach())
         self._seen.append((inputs, statistics))
 
 
@@ -452,17 +461,24 @@ def _selected(blocks: list[Block], config: PruneConfig) -> list[tuple[Block, lis
 
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(hidden).all():
+    # the extremes are finite exactly when every entry is (a NaN becomes both): one pass that writes
+    # nothing, where ``isfinite(hidden).all()`` writes a mask and reads it again
+    if hidden.numel() and not all(math.isfinite(extreme) for extreme in torch.aminmax(hidden)):
         raise SparseGPTError(f"activations became NaN or Inf {where}")
 
 
-def forward_precision(forward_dtype: str | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def forward_precision(forward_dtype: str | None, device: torch.device) -> Iterator[SharedInputCasts | None]:
     """Autocast to ``forward_dtype`` for block forwards (a resolved ``PruneConfig.forward_dtype``: see
-    ``resolve_forward_dtype``), or the model's own precision, its float32 linear layers by the host's
-    faster product (``host.float32_linears``)."""
+    ``resolve_forward_dtype``), each linear input rounded once however many layers read it (the
+    ``linears.SharedInputCasts`` yielded); or the model's own precision, its float32 linear layers by the
+    host's faster product (``host.float32_linears``), yielding None."""
     if forward_dtype is None:
-        return float32_linears(device)
-    return torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
+        with float32_linears(device):
+            yield None
+        return
+    with torch.autocast(device.type, dtype=getattr(torch, forward_dtype)), SharedInputCasts() as casts:
+        yield casts
 
 
 def resolve_forward_dtype(config: PruneConfig, model_dtype: torch.dtype, device: torch.device) -> str | None:
@@ -496,17 +512,18 @@ def observe_block(
     from inputs rounded to it, as the layers see them."""
     operands = getattr(torch, forward_dtype) if forward_dtype is not None else None
     # without ``outputs`` nothing after the last weight's input is needed (see LinearInputObserver)
-    observer = LinearInputObserver(weights, device, full, operands, stop_early=outputs is None)
-    with forward_precision(forward_dtype, device), observer:  # the observer sees each F.linear first
-        for states, call in zip(hidden, calls):
-            observer.next_batch()
-            try:
-                output = call.run(block.module, states)
-            except _StopForward:
-                continue
-            _check_finite(output, f"in {block.name} (dense)")
-            if outputs is not None:
-                outputs.append(output.to(states.dtype))
+    with forward_precision(forward_dtype, device) as casts:
+        observer = LinearInputObserver(weights, device, full, operands, stop_early=outputs is None, casts=casts)
+        with observer:  # the observer sees each F.linear first
+            for states, call in zip(hidden, calls):
+                observer.next_batch()
+                try:
+                    output = call.run(block.module, states)
+                except _StopForward:
+                    continue
+                _check_finite(output, f"in {block.name} (dense)")
+                if outputs is not None:
+                    outputs.append(output.to(states.dtype))
     return observer.statistics
 
 
