@@ -231,14 +231,14 @@ def test_native_kernels_say_what_they_take():
 
 @pytest.mark.parametrize("width", [24, 600])  # 600: the Gram matrix is summed in two blocks of rows
 def test_statistics_with_16_bit_operands_see_the_rounded_inputs(width):
-    inputs = torch.randn(3, 50, width)
+    inputs = torch.randn(3, 300, width)  # 300 rows a batch: the column squares are summed in two chunks
     stats = InputStatistics(width, operands=torch.bfloat16)
     norms = InputStatistics(width, operands=torch.bfloat16, full=False)
     for batch in inputs:
         stats.add(batch)
         norms.add(batch)
     rounded = inputs.reshape(-1, width).to(torch.bfloat16).double()
-    expected = 2 * rounded.T @ rounded / 150
+    expected = 2 * rounded.T @ rounded / 900
     torch.testing.assert_close(stats.hessian().double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.take_hessian().double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norms.column_norms().double(), rounded.norm(dim=0), rtol=1e-6, atol=1e-6)
