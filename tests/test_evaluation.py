@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import sparsegpt
 from sparsegpt import Evaluation, host, perplexity
@@ -151,7 +152,7 @@ def test_split_products_round_only_the_inputs():
         assert torch.equal(torch.nn.functional.linear(inputs, scratch), inputs @ scratch.T)
 
 
-def test_bfloat16_scoring_keeps_the_output_layer_in_float32():
+def test_bfloat16_scoring_keeps_the_output_layer_in_float32(monkeypatch):
     model = tiny_model("llama")
     batch = windows()
     seen = []
@@ -166,6 +167,13 @@ def test_bfloat16_scoring_keeps_the_output_layer_in_float32():
     assert "forward" not in vars(head)  # the class's forward again
     with scoring_precision(model, None):  # nothing to change
         assert perplexity.perplexity(model, batch) == exact
+
+    class AutocastAlone(TorchFunctionMode):  # each layer rounds its inputs itself
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(perplexity, "SharedInputCasts", AutocastAlone)
+    assert perplexity.perplexity(model, batch, precision="bfloat16") == fast  # shared roundings change nothing
 
 
 def test_reports_name_the_precision_they_were_scored_in(monkeypatch, tmp_path):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import fast_split_bfloat16, float32_linears, product_backend
-from sparsegpt.linears import float32_linear_call
+from sparsegpt.linears import SharedInputCasts, float32_linear_call
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
@@ -90,8 +90,9 @@ class SplitBfloat16Linears(TorchFunctionMode):
 def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]:
     """Score ``model`` as ``precision`` says (None: its own precision, float32 linear layers by the host's
     faster product, ``host.float32_linears``): "split-bfloat16" splits its linear products
-    (``SplitBfloat16Linears``); "bfloat16" autocasts the forward, all but its output layer, which then runs
-    in float32 on float32 inputs."""
+    (``SplitBfloat16Linears``); "bfloat16" autocasts the forward (each linear input rounded once however
+    many layers read it, ``linears.SharedInputCasts``), all but its output layer, which then runs in
+    float32 on float32 inputs."""
     if precision is None:
         with float32_linears(next(model.parameters()).device):
             yield
@@ -112,7 +113,7 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
 
     head.forward = head_in_float32
     try:
-        with torch.autocast(device.type, dtype=getattr(torch, precision)):
+        with torch.autocast(device.type, dtype=getattr(torch, precision)), SharedInputCasts():
             yield
     finally:
         if own:
