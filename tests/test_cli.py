@@ -193,6 +193,31 @@ def test_an_interrupted_sweep_resumes_with_the_rows_it_measured(workspace, capsy
     assert not partial_folder(out, "rows").exists()
 
 
+def test_only_streamed_runs_return_freed_memory(monkeypatch):
+    """Streamed runs hand freed memory back to the system (their peak is the point); the rest keep it for
+    speed. A sweep's --resume continues its rows in memory: it does not stream."""
+    from sparsegpt import cli
+
+    chosen = []
+    monkeypatch.setattr(cli, "return_freed_memory", lambda: chosen.append("return"))
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: chosen.append("keep"))
+    monkeypatch.setattr(cli, "_run", lambda args: 0)
+    cases = {
+        ("prune", "m", "-o", "o"): "keep",
+        ("prune", "m", "-o", "o", "--stream"): "return",
+        ("prune", "m", "-o", "o", "--resume"): "return",
+        ("prune", "m", "-o", "o", "--dry-run"): "return",
+        ("eval", "m", "--data", "t"): "keep",
+        ("eval", "m", "--data", "t", "--offload-dir", "d"): "return",
+        ("sweep", "m", "-o", "o"): "keep",
+        ("sweep", "m", "-o", "o", "--resume"): "keep",
+    }
+    for argv, expected in cases.items():
+        chosen.clear()
+        assert main(["-q", *argv]) == 0
+        assert chosen == [expected], argv
+
+
 def test_sweep_and_compare_refuse_unknown_variants(workspace, capsys, tmp_path):
     for argv in (
         ["sweep", str(workspace / "model"), "-o", str(tmp_path / "s"), "--methods", "sparsegpt+magic"],

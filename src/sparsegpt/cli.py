@@ -396,7 +396,7 @@ def _run(args: argparse.Namespace) -> int | None:
     evaluations = [
         sparsegpt.Evaluation(source, args.seqlen, args.eval_windows, args.eval_precision) for source in args.eval
     ]
-    streamed = args.command == "prune" and (args.stream or args.offload_dir or args.resume or args.dry_run)
+    streamed = _streamed(args)
     ranks = Ranks.from_environment(resolve_device(args.device)) if args.command == "prune" else None
     if streamed and (ranks is not None or args.processes > 1):
         raise SparseGPTError("--stream runs in one process; several processes prune a model held in memory")
@@ -476,7 +476,7 @@ def _evaluate(args: argparse.Namespace, zero_shot: Any, progress: bool) -> None:
     if args.data is None and zero_shot is None:
         raise SparseGPTError("eval needs --data (perplexity), --tasks (zero-shot) or both")
     evaluation = sparsegpt.Evaluation(args.data, args.seqlen, args.windows, args.eval_precision) if args.data else None
-    streamed = args.stream or args.offload_dir
+    streamed = _streamed(args)
     if streamed and args.runtime == "sparse":
         raise SparseGPTError("--runtime sparse holds the whole model; it does not stream")
     out: dict[str, Any] = {}
@@ -703,6 +703,14 @@ def _plan_text(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _streamed(args: argparse.Namespace) -> bool:
+    """Whether the command holds one block in memory at a time: eval with --stream or --offload-dir, and prune
+    with those, --resume or --dry-run (a sweep's --resume continues its rows, it does not stream)."""
+    if args.command == "prune":
+        return bool(args.stream or args.offload_dir or args.resume or args.dry_run)
+    return args.command == "eval" and bool(args.stream or args.offload_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -716,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
 
     # a streamed run is about peak memory: freed memory goes back to the system there
-    streamed = any(getattr(args, name, False) for name in ("stream", "offload_dir", "resume", "dry_run"))
+    streamed = _streamed(args)
     if streamed:
         return_freed_memory()
     else:
