@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import sparsegpt
 from sparsegpt import Evaluation, host, perplexity
@@ -14,7 +13,7 @@ from sparsegpt.linears import OneDnnLinears, onednn_agrees
 from sparsegpt.perplexity import SplitBfloat16Linears, resolve_eval_precision, scoring_precision
 from sparsegpt.solver.gram import native_mixed_gram
 
-from tiny import VOCAB, tiny_model
+from tiny import VOCAB, AutocastAlone, tiny_model
 
 CPU = torch.device("cpu")
 MIXED = native_mixed_gram(torch.bfloat16)
@@ -167,13 +166,16 @@ def test_bfloat16_scoring_keeps_the_output_layer_in_float32(monkeypatch):
     assert "forward" not in vars(head)  # the class's forward again
     with scoring_precision(model, None):  # nothing to change
         assert perplexity.perplexity(model, batch) == exact
+    linears = []
 
-    class AutocastAlone(TorchFunctionMode):  # each layer rounds its inputs itself
+    class Alone(AutocastAlone):  # and proof that bf16 scoring goes through the shared roundings' mode
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
+            linears.append(func is torch.nn.functional.linear)
+            return super().__torch_function__(func, types, args, kwargs)
 
-    monkeypatch.setattr(perplexity, "SharedInputCasts", AutocastAlone)
+    monkeypatch.setattr(perplexity, "SharedInputCasts", Alone)
     assert perplexity.perplexity(model, batch, precision="bfloat16") == fast  # shared roundings change nothing
+    assert any(linears)
 
 
 def test_reports_name_the_precision_they_were_scored_in(monkeypatch, tmp_path):

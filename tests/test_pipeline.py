@@ -12,7 +12,7 @@ from sparsegpt.models import find_blocks
 from sparsegpt.pipeline import resolve_forward_dtype
 from sparsegpt.solver import NMPattern, pruned_count, sparsegpt_prune
 
-from tiny import ARCHITECTURES, VOCAB, tiny_model
+from tiny import ARCHITECTURES, VOCAB, AutocastAlone, tiny_model
 
 
 def calibration(nsamples=6, seqlen=16, seed=1):
@@ -275,14 +275,6 @@ def test_bf16_forwards_round_each_shared_linear_input_once(monkeypatch):
         return stats, outputs, Roundings.count
 
     shared_stats, shared_outputs, shared_count = run()
-
-    class AutocastAlone(TorchFunctionMode):
-        def cast(self, inputs):
-            return inputs
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     monkeypatch.setattr(pipeline, "SharedInputCasts", AutocastAlone)
     plain_stats, plain_outputs, plain_count = run()
     # per batch: two shared inputs (attention's, the MLP's), in the observing and the advancing forward
