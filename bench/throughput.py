@@ -16,9 +16,13 @@ a factorization or a triangular inverse). The ``block`` section (not run by defa
 forward of smollm2-135m (block 3, 8 × 512 tokens of sotu:train) in float32 and under bf16 autocast, and
 splits it by the profiler into matrix products, attention and everything else (norms, rotary embeddings,
 activations, casts of the inputs, residual adds; each weight is cast once per context, as in a pass):
-what bounds a forward pass's rate besides the matrix products.
+what bounds a forward pass's rate besides the matrix products. The ``attention`` section times causal
+self-attention over 8 windows of 512 tokens at the head shapes of smollm2-135m, qwen2.5-coder-0.5b and
+qwen2.5-coder-1.5b: torch's kernel on float32 and on bf16 inputs, and this package's native kernel
+(``attention.causal_attention``, float32), in milliseconds and useful GFLOP/s (2 · 2 · heads · dim ·
+length²/2 per window).
 
-    python bench/throughput.py [--sections linear,gram,factorization,block]
+    python bench/throughput.py [--sections linear,gram,factorization,block,attention]
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
         self_ms: dict[str, float] = {"matrix_products": 0.0, "attention": 0.0, "rest": 0.0}
         for event in profile.key_averages():
             kind = "matrix_products" if event.key in MATRIX_PRODUCTS else "rest"
-            kind = "attention" if "scaled_dot_product" in event.key else kind
+            kind = "attention" if "scaled_dot_product" in event.key or "causal_attention" in event.key else kind
             self_ms[kind] += event.self_cpu_time_total / 1e3 / repeats
         profiled = sum(self_ms.values())
         # the profiled parts, scaled to the unprofiled median (the profiler's own overhead spread evenly)
@@ -135,6 +139,43 @@ def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
             kind: round(milliseconds * value / profiled, 1) for kind, value in self_ms.items()
         }
     return parts
+
+
+# (heads, key/value heads, dim) of the models the benchmarks use
+ATTENTION_SHAPES = {"smollm2-135m": (9, 3, 64), "qwen2.5-coder-0.5b": (14, 2, 64), "qwen2.5-coder-1.5b": (12, 2, 128)}
+
+
+def attention_timings(batch: int = 8, length: int = 512, repeats: int = 7) -> dict[str, dict[str, Any]]:
+    """Per model shape: median milliseconds and useful GFLOP/s of causal self-attention by torch (float32 and
+    bf16 inputs) and by the native kernel (where the processor has it), calls interleaved."""
+    from sparsegpt.attention import causal_attention, native_available
+
+    results = {}
+    for model, (heads, kv_heads, dim) in ATTENTION_SHAPES.items():
+        # as attention layers make them: (batch, heads, length, dim) views of (batch, length, heads, dim)
+        q, k, v = (torch.randn(batch, length, count, dim).transpose(1, 2) for count in (heads, kv_heads, kv_heads))
+        half = [t.bfloat16() for t in (q, k, v)]
+        calls = {
+            "torch_float32": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True
+            ),
+            "torch_bfloat16": lambda h=half: F.scaled_dot_product_attention(*h, is_causal=True, enable_gqa=True),
+        }
+        if native_available():
+            calls["native_float32"] = lambda q=q, k=k, v=v: causal_attention(q, k, v)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, call in calls.items():
+                times[name].append(median_seconds(call, 1))
+        flops = 2.0 * batch * heads * dim * length * length
+        results[model] = {
+            name: {
+                "ms": round(1e3 * statistics.median(seconds), 1),
+                "gflops": round(flops / statistics.median(seconds) / 1e9, 1),
+            }
+            for name, seconds in times.items()
+        }
+    return results
 
 
 def main() -> None:
@@ -165,6 +206,8 @@ def main() -> None:
         result["factorization"] = {width: factorization_timings(width) for width in (1536, 4096, 11008)}
     if "block" in sections:
         result["block_forward"] = block_forward_parts()
+    if "attention" in sections:
+        result["attention"] = attention_timings()
     print(json.dumps(result))
 
 

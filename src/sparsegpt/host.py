@@ -66,7 +66,10 @@ class MatmulRates:
     by oneDNN (``linears.onednn_linear``; 0 where it is missing or disagrees), which replaces torch's where
     it is faster (``fast_onednn_float32``); and by each of ``gram.BACKENDS`` (0 where it is missing) a
     bf16 × bf16 → float32 linear product, and a float32 Gram matrix of 2048 tokens (its upper triangle,
-    counted as the whole product), which decide ``product_backend``."""
+    counted as the whole product), which decide ``product_backend``. Beside them, causal self-attention at
+    ``ATTENTION_PROBE`` (counted as its useful products, 2 · 2 · heads · dim · length²/2) by torch's kernel
+    in float32 and in bf16 and by this package's native kernel (0 where it is missing), which decide
+    ``native_attention``."""
 
     float32: float
     bfloat16: float
@@ -76,6 +79,9 @@ class MatmulRates:
     onednn_float32: float = 0.0
     mkl_gram_float32: float = 0.0
     native_gram_float32: float = 0.0
+    attention_float32: float = 0.0
+    attention_bfloat16: float = 0.0
+    attention_native: float = 0.0
 
     @property
     def best_float32(self) -> float:
@@ -98,6 +104,10 @@ class MatmulRates:
 # tokens × width → out features: smollm2-135m's up projection over one 512-token window; small enough that
 # the probe takes well under a second even where bf16 is emulated (about 0.2 × float32's rate on AVX2)
 PROBE_SHAPE = (512, 576, 1536)
+# (heads, key/value heads, length, dim): smollm2-135m's attention over one 512-token window
+ATTENTION_PROBE = (9, 3, 512, 64)
+# below this speed-up over torch's attention, the native kernel is not worth the change of kernels
+NATIVE_ATTENTION_WORTH_IT = 1.1
 # bf16 forwards also pay for casts and for the parts autocast leaves in float32: below this speed-up of the
 # products alone they are not worth it
 BFLOAT16_WORTH_IT = 1.5
@@ -113,6 +123,9 @@ RATE_NAMES = (
     "onednn_float32",
     "mkl_gram_float32",
     "native_gram_float32",
+    "attention_float32",
+    "attention_bfloat16",
+    "attention_native",
 )
 
 
@@ -167,6 +180,20 @@ def float32_linears(device: torch.device) -> contextlib.AbstractContextManager[A
     return OneDnnLinears() if device.type == "cpu" and fast_onednn_float32() else contextlib.nullcontext()
 
 
+def native_attention(device: torch.device, forward_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
+    """``attention.NativeCausalAttention`` where ``device`` is the CPU and the native kernel measured faster
+    by ``NATIVE_ATTENTION_WORTH_IT`` than torch's attention in the forward's precision (``forward_dtype``:
+    "bfloat16" under bf16 autocast, None for float32; ``MatmulRates``), else nothing."""
+    from sparsegpt.attention import NativeCausalAttention, native_available
+
+    if device.type != "cpu" or forward_dtype not in (None, "bfloat16") or not native_available():
+        return contextlib.nullcontext()
+    rates = matmul_rates()
+    torch_rate = rates.attention_bfloat16 if forward_dtype == "bfloat16" else rates.attention_float32
+    faster = rates.attention_native >= NATIVE_ATTENTION_WORTH_IT * torch_rate
+    return NativeCausalAttention() if faster else contextlib.nullcontext()
+
+
 def matmul_rates(cache: Path | None = None) -> MatmulRates:
     """This host's ``MatmulRates``, measured once per processor, torch version and thread count and kept
     in ``cache``/host-rates.json (by default the project's cache folder; where it cannot be written, each
@@ -185,13 +212,17 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
     rates = measure_matmul_rates()
     log.info(
         "this host multiplies at %.0f GFLOP/s in float32 (%.0f by oneDNN), %.0f in bfloat16, %.0f split; bf16 "
-        "into float32 %.0f by MKL, %.0f by the AVX512-BF16 kernels (cached in %s)",
+        "into float32 %.0f by MKL, %.0f by the AVX512-BF16 kernels; attends at %.0f in float32, %.0f in bfloat16, "
+        "%.0f by the native kernel (cached in %s)",
         rates.float32,
         rates.onednn_float32,
         rates.bfloat16,
         rates.split_bfloat16,
         rates.mkl_mixed,
         rates.native_mixed,
+        rates.attention_float32,
+        rates.attention_bfloat16,
+        rates.attention_native,
         path,
     )
     known[key] = {name: getattr(rates, name) for name in RATE_NAMES}
@@ -218,7 +249,7 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
     weight = torch.randn(features, width, generator=generator)
     flops = 2.0 * tokens * width * features
 
-    def rate(call: Callable[[], Any]) -> float:
+    def rate(call: Callable[[], Any], flops: float = flops) -> float:
         best = math.inf
         with torch.no_grad():
             for attempt in range(2 + repeats):
@@ -239,6 +270,7 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
     grams = {name: 0.0 for name in gram.BACKENDS}
     for name in gram.BACKENDS if gram.native_available(torch.float32) else ():
         grams[name] = rate(lambda name=name: gram.add_gram(square, tall, backend=name)) * 4 * width / features
+    attention = measure_attention_rates(rate)
     return MatmulRates(
         rate(lambda: torch.nn.functional.linear(inputs, weight)),
         rate(lambda: torch.nn.functional.linear(rows, weight.bfloat16())),
@@ -248,7 +280,31 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
         onednn_float32=rate(lambda: onednn_linear(inputs, weight)) if onednn_agrees() else 0.0,
         mkl_gram_float32=grams["mkl"],
         native_gram_float32=grams["native"],
+        attention_float32=attention["float32"],
+        attention_bfloat16=attention["bfloat16"],
+        attention_native=attention["native"],
     )
+
+
+def measure_attention_rates(rate: Callable[..., float]) -> dict[str, float]:
+    """Causal self-attention at ``ATTENTION_PROBE`` by torch in float32 and in bf16 and by the native kernel
+    (0 where it is missing), in GFLOP/s of useful products by ``rate(call, flops)``."""
+    from sparsegpt.attention import causal_attention, native_available
+
+    heads, kv_heads, length, dim = ATTENTION_PROBE
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, count, length, dim, generator=generator) for count in (heads, kv_heads, kv_heads))
+    flops = 2.0 * heads * dim * length * length
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def by_torch(*tensors: torch.Tensor) -> Callable[[], Any]:
+        return lambda: sdpa(*tensors, is_causal=True, enable_gqa=True)
+
+    return {
+        "float32": rate(by_torch(q, k, v), flops),
+        "bfloat16": rate(by_torch(q.bfloat16(), k.bfloat16(), v.bfloat16()), flops),
+        "native": rate(lambda: causal_attention(q, k, v), flops) if native_available() else 0.0,
+    }
 
 
 def host_key() -> str:

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import fast_split_bfloat16, float32_linears, product_backend
+from sparsegpt.host import fast_split_bfloat16, float32_linears, native_attention, product_backend
 from sparsegpt.linears import SharedInputCasts, float32_linear_call
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
@@ -92,16 +92,17 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
     faster product, ``host.float32_linears``): "split-bfloat16" splits its linear products
     (``SplitBfloat16Linears``); "bfloat16" autocasts the forward (each linear input rounded once however
     many layers read it, ``linears.SharedInputCasts``), all but its output layer, which then runs in
-    float32 on float32 inputs."""
+    float32 on float32 inputs. Causal self-attention runs by the native kernel where it measured faster
+    (``host.native_attention``; in float32 but under "bfloat16")."""
+    device = next(model.parameters()).device
     if precision is None:
-        with float32_linears(next(model.parameters()).device):
+        with float32_linears(device), native_attention(device, None):
             yield
         return
     if precision == "split-bfloat16":
-        with SplitBfloat16Linears():
+        with SplitBfloat16Linears(), native_attention(device, None):
             yield
         return
-    device = next(model.parameters()).device
     head = model.get_output_embeddings()
     if head is None:
         raise SparseGPTError(f"{type(model).__name__} has no output layer to score in float32")
@@ -113,7 +114,8 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
 
     head.forward = head_in_float32
     try:
-        with torch.autocast(device.type, dtype=getattr(torch, precision)), SharedInputCasts():
+        autocast = torch.autocast(device.type, dtype=getattr(torch, precision))
+        with autocast, SharedInputCasts(), native_attention(device, precision):
             yield
     finally:
         if own:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sparsegpt.config import DEFAULT_REFINE, PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import fast_bfloat16, float32_linears, product_backend
+from sparsegpt.host import fast_bfloat16, float32_linears, native_attention, product_backend
 from sparsegpt.linears import SharedInputCasts
 from sparsegpt.models import (
     Block,
@@ -472,12 +472,14 @@ def forward_precision(forward_dtype: str | None, device: torch.device) -> Iterat
     """Autocast to ``forward_dtype`` for block forwards (a resolved ``PruneConfig.forward_dtype``: see
     ``resolve_forward_dtype``), each linear input rounded once however many layers read it (the
     ``linears.SharedInputCasts`` yielded); or the model's own precision, its float32 linear layers by the
-    host's faster product (``host.float32_linears``), yielding None."""
+    host's faster product (``host.float32_linears``), yielding None. Either way causal self-attention runs
+    by the native kernel where it measured faster (``host.native_attention``)."""
     if forward_dtype is None:
-        with float32_linears(device):
+        with float32_linears(device), native_attention(device, None):
             yield None
         return
-    with torch.autocast(device.type, dtype=getattr(torch, forward_dtype)), SharedInputCasts() as casts:
+    autocast = torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
+    with autocast, SharedInputCasts() as casts, native_attention(device, forward_dtype):
         yield casts
 
 

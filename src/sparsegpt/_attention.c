@@ -1,0 +1,255 @@
+/* Causal self-attention in float32 by AVX-512 register tiles, for the CPU forwards of calibration and
+ * evaluation (attention.py decides when it runs). torch's CPU flash-attention kernel multiplies its
+ * blocks by the BLAS, which on AMD EPYC runs float32 products at about half of what AVX-512 reaches there
+ * (see solver/_gram.c); the windows here are short (hundreds to a few thousand tokens), so each row's
+ * scores fit in L1/L2 and are not blocked over keys.
+ *
+ *   out[b, h, i] = Σ_{j ≤ i} softmax_j(scale · q[b, h, i] · k[b, h / group, j]) · v[b, h / group, j]
+ *
+ * for q (batch, heads, length, dim) and k, v (batch, heads / group, length, dim), any strides with the
+ * last dimension contiguous; grouped-query attention shares one key/value head among `group` query
+ * heads. Per (batch, key/value head) the keys are packed once, transposed and zero-padded to whole
+ * blocks of 64; then 6 query rows at a time: their scores against every key up to the last row (24 zmm
+ * sums: 6 rows × 64 keys, fed per dimension by 6 broadcasts and 4 loads), an exact softmax per row
+ * (max, exponentials, sum; keys after the row are zero), and the weighted sum of values (6 rows × 64
+ * dimensions of sums per pass over the keys, divided by the row's sum at the end). Float32 throughout,
+ * in another summation order than torch's kernels. Work is split over OpenMP threads by (batch, head,
+ * block of 48 rows), the latest blocks (the longest rows) first. Called through ctypes, which releases
+ * the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { ERROR_ARGUMENTS = -2, ERROR_ISA = -3, ERROR_MEMORY = -4 };
+enum { ROWS = 6, KEYS = 64, ROW_BLOCK = 8 * ROWS };
+
+static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,fma")))
+
+static int available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+}
+
+/* e^x for x <= 0 (larger x are not asked for): x = n·ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor
+ * polynomial of degree 7 (truncation below 5e-9 relative), scaled by 2^n; x below -87 gives e^-87 or 0,
+ * far below any row's largest term, which is 1. */
+AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores[r][j] = scale · q_r · keys[j] for 6 rows (pointers; repeated rows are computed and ignored) and
+ * keys j < blocks·64 (row stride `padded`), from keys packed in blocks of 64: packed[block][d][j % 64]. */
+AVX512 static void row_scores(const float *const q[ROWS], const float *packed, int64_t padded, int64_t dim,
+                              int64_t blocks, float scale, float *scores) {
+    for (int64_t block = 0; block < blocks; block++) {
+        __m512 sums[ROWS][4];
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
+            _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) sums[r][v] = _mm512_setzero_ps();
+        const float *column = packed + block * dim * KEYS;
+        for (int64_t d = 0; d < dim; d++, column += KEYS) {
+            __m512 k0 = _mm512_loadu_ps(column), k1 = _mm512_loadu_ps(column + 16);
+            __m512 k2 = _mm512_loadu_ps(column + 32), k3 = _mm512_loadu_ps(column + 48);
+            _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
+                __m512 x = _mm512_set1_ps(q[r][d]);
+                sums[r][0] = _mm512_fmadd_ps(x, k0, sums[r][0]);
+                sums[r][1] = _mm512_fmadd_ps(x, k1, sums[r][1]);
+                sums[r][2] = _mm512_fmadd_ps(x, k2, sums[r][2]);
+                sums[r][3] = _mm512_fmadd_ps(x, k3, sums[r][3]);
+            }
+        }
+        __m512 factor = _mm512_set1_ps(scale);
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
+            _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
+                _mm512_storeu_ps(scores + r * padded + block * KEYS + 16 * v, _mm512_mul_ps(sums[r][v], factor));
+    }
+}
+
+/* Row `row` of scores (its first `count` entries valid) into exponentials e^(s - max), zero from `count`
+ * to `width` (a multiple of 16); returns their sum. */
+AVX512 static float softmax_terms(float *row, int64_t count, int64_t width) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < count; j += 16) {
+        __mmask16 keep = count - j >= 16 ? 0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, row + j));
+    }
+    __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < width; j += 16) {
+        __mmask16 keep = count - j >= 16 ? 0xFFFF : count > j ? (__mmask16)((1u << (count - j)) - 1) : 0;
+        __m512 e = _mm512_maskz_mov_ps(keep, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), high)));
+        _mm512_storeu_ps(row + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
+/* out_r[c] = Σ_{j < keys} weights[r][j] · v[j][c] / totals[r] for 6 rows and dimensions c < dim (a multiple
+ * of 16), 64 at a time; rows r >= rows are not written. */
+AVX512 static void weighted_values(const float *weights, int64_t padded, const float *v, int64_t v_stride,
+                                   int64_t keys, int64_t dim, const float totals[ROWS], float *const out[ROWS],
+                                   int rows) {
+    for (int64_t start = 0; start < dim; start += 64) {
+        int vectors = dim - start >= 64 ? 4 : (int)((dim - start) / 16);
+        __mmask16 m0 = 0xFFFF, m1 = vectors > 1 ? 0xFFFF : 0, m2 = vectors > 2 ? 0xFFFF : 0;
+        __mmask16 m3 = vectors > 3 ? 0xFFFF : 0;
+        __m512 sums[ROWS][4];
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) sums[r][i] = _mm512_setzero_ps();
+        const float *value = v + start;
+        for (int64_t j = 0; j < keys; j++, value += v_stride) {
+            __m512 v0 = _mm512_maskz_loadu_ps(m0, value), v1 = _mm512_maskz_loadu_ps(m1, value + 16);
+            __m512 v2 = _mm512_maskz_loadu_ps(m2, value + 32), v3 = _mm512_maskz_loadu_ps(m3, value + 48);
+            _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
+                __m512 w = _mm512_set1_ps(weights[r * padded + j]);
+                sums[r][0] = _mm512_fmadd_ps(w, v0, sums[r][0]);
+                sums[r][1] = _mm512_fmadd_ps(w, v1, sums[r][1]);
+                sums[r][2] = _mm512_fmadd_ps(w, v2, sums[r][2]);
+                sums[r][3] = _mm512_fmadd_ps(w, v3, sums[r][3]);
+            }
+        }
+        /* constant indices only (fully unrolled), so that the sums stay in registers */
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
+            if (r >= rows) break;
+            __m512 inverse = _mm512_set1_ps(1.0f / totals[r]);
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                if (i >= vectors) break;
+                _mm512_storeu_ps(out[r] + start + 16 * i, _mm512_mul_ps(sums[r][i], inverse));
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    int64_t batch, heads, group, length, dim, padded;
+    const int64_t *qs, *ks, *vs, *os; /* strides of batch, head, position */
+    float scale;
+} Problem;
+
+/* Keys of (batch b, key/value head g) transposed in blocks of 64 (each block's 64 × dim words
+ * contiguous, what one core's L1 cache holds for dim <= 64): packed[j / 64][d][j % 64] = k[b, g, j, d],
+ * zero for j >= length. */
+static void pack_keys(const Problem *p, int64_t b, int64_t g, float *packed) {
+    const float *k = p->k + b * p->ks[0] + g * p->ks[1];
+    for (int64_t j = 0; j < p->padded; j++) {
+        float *target = packed + (j / KEYS) * p->dim * KEYS + j % KEYS;
+        for (int64_t d = 0; d < p->dim; d++) target[d * KEYS] = j < p->length ? k[j * p->ks[2] + d] : 0.0f;
+    }
+}
+
+/* Values of (batch b, key/value head g) in consecutive rows: packed[j][d] = v[b, g, j, d]. */
+static void pack_values(const Problem *p, int64_t b, int64_t g, float *packed) {
+    const float *v = p->v + b * p->vs[0] + g * p->vs[1];
+    for (int64_t j = 0; j < p->length; j++) memcpy(packed + j * p->dim, v + j * p->vs[2], (size_t)p->dim * sizeof *v);
+}
+
+/* Rows first .. first + count - 1 of head h of batch b. */
+AVX512 static void attend_rows(const Problem *p, int64_t b, int64_t h, int64_t first, int64_t count,
+                               const float *packed, const float *v, float *scores) {
+    for (int64_t i0 = first; i0 < first + count; i0 += ROWS) {
+        int rows = first + count - i0 < ROWS ? (int)(first + count - i0) : ROWS;
+        const float *q[ROWS];
+        float *out[ROWS], totals[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            int64_t i = i0 + (r < rows ? r : rows - 1);
+            q[r] = p->q + b * p->qs[0] + h * p->qs[1] + i * p->qs[2];
+            out[r] = p->out + b * p->os[0] + h * p->os[1] + i * p->os[2];
+        }
+        int64_t keys = i0 + rows, blocks = (keys + KEYS - 1) / KEYS;
+        row_scores(q, packed, p->padded, p->dim, blocks, p->scale, scores);
+        for (int r = 0; r < ROWS; r++)
+            totals[r] = softmax_terms(scores + r * p->padded, r < rows ? i0 + r + 1 : keys, blocks * KEYS);
+        weighted_values(scores, p->padded, v, p->dim, keys, p->dim, totals, out, rows);
+    }
+}
+
+static int attend(const Problem *p, int32_t threads) {
+    int64_t kv_heads = p->heads / p->group, row_blocks = (p->length + ROW_BLOCK - 1) / ROW_BLOCK;
+    int64_t tasks = p->batch * p->heads * row_blocks, packs = p->batch * kv_heads;
+    int64_t size = p->dim * p->padded; /* words per key/value head of packed keys, and of values */
+    float *packed = malloc((size_t)(2 * packs * size) * sizeof *packed), *values = packed + packs * size;
+    if (packed == NULL) return ERROR_MEMORY;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *scores = malloc((size_t)(ROWS * p->padded) * sizeof *scores);
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t index = 0; index < packs; index++) {
+            pack_keys(p, index / kv_heads, index % kv_heads, packed + index * size);
+            pack_values(p, index / kv_heads, index % kv_heads, values + index * size);
+        }
+        /* the implied barrier: every key packed. Latest row blocks first: they have the most keys. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t index = 0; index < tasks; index++) {
+            if (scores == NULL) continue;
+            int64_t block = row_blocks - 1 - index / (p->batch * p->heads), rest = index % (p->batch * p->heads);
+            int64_t b = rest / p->heads, h = rest % p->heads, first = block * ROW_BLOCK;
+            int64_t count = p->length - first < ROW_BLOCK ? p->length - first : ROW_BLOCK;
+            int64_t pack = b * kv_heads + h / p->group;
+            attend_rows(p, b, h, first, count, packed + pack * size, values + pack * size, scores);
+        }
+        free(scores);
+    }
+    free(packed);
+    return failed ? ERROR_MEMORY : 0;
+}
+#else
+static int available(void) { return 0; }
+#endif
+
+/* --- entry points (0, or a negative error) -------------------------------------------------------- */
+
+/* Whether this processor runs the kernel (AVX-512 F). */
+int32_t sgpt_attention_available(void) { return available(); }
+
+/* out = causal attention of q (batch, heads, length, dim) over k and v (batch, heads / group, length,
+ * dim), all float32; strides (of batch, head, position; in elements) in q_strides … out_strides, the last
+ * dimension contiguous; `dim` a multiple of 16. */
+int64_t sgpt_causal_attention(const float *q, const float *k, const float *v, float *out, int64_t batch, int64_t heads,
+                              int64_t group, int64_t length, int64_t dim, const int64_t *q_strides,
+                              const int64_t *k_strides, const int64_t *v_strides, const int64_t *out_strides, float scale,
+                              int32_t threads) {
+    if (batch < 0 || heads <= 0 || group <= 0 || heads % group != 0 || length < 0 || dim <= 0 || dim % 16 != 0)
+        return ERROR_ARGUMENTS;
+    if (!available()) return ERROR_ISA;
+    if (batch == 0 || length == 0) return 0;
+#if defined(__GNUC__) && defined(__x86_64__)
+    Problem p = {q, k, v, out, batch, heads, group, length, dim, round_up(length, KEYS),
+                 q_strides, k_strides, v_strides, out_strides, scale};
+    return attend(&p, threads);
+#else
+    (void)q, (void)k, (void)v, (void)out, (void)q_strides, (void)k_strides, (void)v_strides, (void)out_strides,
+        (void)scale, (void)threads;
+    return ERROR_ISA;
+#endif
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_attention", .m_doc = "Causal self-attention in float32, called through ctypes.",
+    .m_size = -1};
+
+PyMODINIT_FUNC PyInit__attention(void) { return PyModule_Create(&module); }

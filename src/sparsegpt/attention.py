@@ -1,0 +1,127 @@
+"""Causal self-attention on the CPU by this package's AVX-512 kernel (_attention.c), where it measures
+faster than torch's.
+
+A calibration or evaluation forward attends over whole windows with a causal mask and no padding:
+``F.scaled_dot_product_attention(q, k, v, is_causal=True)``. torch's CPU kernel for it (flash attention)
+multiplies its blocks by the BLAS, which on AMD EPYC runs float32 products at about half the rate AVX-512
+reaches there; under bf16 autocast it rounds q, k and v to bf16 first and is slower still on hosts
+without AMX. The native kernel keeps float32 throughout (each row's scores, an exact softmax, the
+weighted sum of values) and runs 2-2.5× as fast as torch's on such a host (docs/RESULTS.md,
+"Attention"). ``NativeCausalAttention`` sends those calls to it and leaves every other call to torch;
+``host.native_attention`` enters it only where the host probe measured it faster than torch's kernel for
+the forward's precision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _native() -> Any:
+    """The kernel of _attention.c through ctypes, or None (the optional extension was not built, or this
+    processor lacks AVX-512)."""
+    try:  # by its full name: the package's __init__ may import this module
+        extension = importlib.import_module("sparsegpt._attention")
+    except ImportError:
+        return None
+    library = ctypes.CDLL(extension.__file__)
+    integer, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.sgpt_attention_available.restype = ctypes.c_int32
+    library.sgpt_attention_available.argtypes = []
+    if not library.sgpt_attention_available():
+        return None
+    library.sgpt_causal_attention.restype = integer
+    library.sgpt_causal_attention.argtypes = [pointer] * 4 + [integer] * 5 + [pointer] * 4
+    library.sgpt_causal_attention.argtypes += [ctypes.c_float, ctypes.c_int32]
+    return library
+
+
+def native_available() -> bool:
+    """Whether the native kernel runs on this processor (built, and AVX-512 present)."""
+    return _native() is not None
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> bool:
+    """Whether ``causal_attention`` computes attention of these CPU tensors: 4-D (batch, heads, length,
+    dim) in float32, bf16 or fp16, keys and values as long as the queries (no cache), ``dim`` a multiple
+    of 16, and the heads a multiple of the key/value heads (any multiple only when ``grouped``, torch's
+    ``enable_gqa``)."""
+    tensors = (q, k, v)
+    if any(t.ndim != 4 or t.device.type != "cpu" or t.dtype not in _DTYPES for t in tensors):
+        return False
+    batch, heads, length, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (length, dim) or dim % 16 != 0:
+        return False
+    kv_heads = k.shape[1]
+    return kv_heads > 0 and heads % kv_heads == 0 and (grouped or heads == kv_heads)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ + causal mask) v, as ``F.scaled_dot_product_attention(q, k, v, is_causal=True,
+    scale=scale, enable_gqa=True)``, in float32 by the native kernel (``takes`` must hold). The result is
+    float32, or the inputs' precision where q, k and v share one below float32; ``scale`` defaults to
+    1/√dim."""
+    library = _native()
+    if library is None:
+        raise RuntimeError("the native attention kernel is not available on this host")
+    batch, heads, length, dim = q.shape
+    widened = [t.float() if t.dtype != torch.float32 else t for t in (q, k, v)]
+    q32, k32, v32 = (t if t.stride(-1) == 1 else t.contiguous() for t in widened)
+    # (batch, length, heads, dim) underneath, as the projections that read it next want it
+    out = torch.empty(batch, length, heads, dim).transpose(1, 2)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q32, k32, v32, out)]
+    with torch.profiler.record_function("sparsegpt::causal_attention"):  # named in profiles, as torch's ops are
+        status = library.sgpt_causal_attention(
+            q32.data_ptr(),
+            k32.data_ptr(),
+            v32.data_ptr(),
+            out.data_ptr(),
+            batch,
+            heads,
+            heads // k.shape[1],
+            length,
+            dim,
+            *strides,
+            1.0 / math.sqrt(dim) if scale is None else scale,
+            torch.get_num_threads(),
+        )
+    if status != 0:
+        raise RuntimeError(f"the native attention kernel failed with status {status}")
+    shared = {q.dtype, k.dtype, v.dtype}
+    return out.to(q.dtype) if len(shared) == 1 and q.dtype != torch.float32 else out
+
+
+class NativeCausalAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` by ``causal_attention`` where the call is causal self-attention it
+    takes (``takes``; no mask, no dropout, no gradient wanted); every other call goes to torch unchanged.
+    Under autocast the inputs are not rounded to its precision: the attention runs in float32 and returns
+    float32, which the next linear layer rounds as autocast does."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) >= 3:
+            q, k, v = args[:3]
+            names = ("attn_mask", "dropout_p", "is_causal")  # scale and enable_gqa: by keyword only
+            options = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+            options.update(zip(names, args[3:]))
+            options.update(kwargs)
+            if (
+                options["is_causal"]
+                and options["attn_mask"] is None
+                and options["dropout_p"] == 0.0
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+                and takes(q, k, v, bool(options["enable_gqa"]))
+            ):
+                return causal_attention(q, k, v, options["scale"])
+        return func(*args, **kwargs)
