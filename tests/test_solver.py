@@ -365,6 +365,30 @@ def test_n_of_m_by_ranks_equals_the_stable_sort(rows, nm, levels, nan, seed):
     assert bool((ranked.view(rows, 3, m).sum(dim=2) == n).all())
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 40),
+    sparsity=st.floats(0, 1),
+    values=st.sampled_from(["distinct", "ties", "nan", "bf16"]),
+    seed=st.integers(0, 10_000),
+)
+def test_per_row_selection_is_the_stable_sort(rows, cols, sparsity, values, seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, cols, generator=generator)
+    if values == "ties":
+        scores = torch.randint(0, 3, (rows, cols), generator=generator).float()
+    if values == "nan":  # a NaN ranks above everything, +inf included
+        scores[torch.rand(rows, cols, generator=generator) < 0.3] = float("nan")
+        scores[torch.rand(rows, cols, generator=generator) < 0.2] = float("inf")
+    if values == "bf16":
+        scores = scores.bfloat16().round()
+    counts = torch.tensor(split_count(sparsity, [cols] * rows))
+    mask = lowest_k_per_row(scores, sparsity)
+    assert torch.equal(mask, masks.lowest_k_per_row_sorted(scores, counts))
+    assert torch.equal(mask.sum(dim=1), counts)
+
+
 def test_ties_never_over_prune():
     scores = torch.zeros(4, 8)  # every score tied
     assert int(lowest_k(scores, 13).sum()) == 13

@@ -52,10 +52,30 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def lowest_k_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask pruning a ``sparsity`` share within each row of ``scores`` (rows, cols).
 
-    Rows get ``split_count`` shares, so the matrix as a whole has exactly ``pruned_count`` entries.
+    Rows get ``split_count`` shares, so the matrix as a whole has exactly ``pruned_count`` entries; among
+    equal scores the first columns go first, and a NaN counts as the largest score. Each row's k-th
+    lowest score is found by selection, not by sorting the row (faster on the CPU).
     """
     rows, cols = scores.shape
     counts = torch.tensor(split_count(sparsity, [cols] * rows), device=scores.device)
+    threshold = torch.full((rows,), -math.inf, dtype=scores.dtype, device=scores.device)
+    for k in sorted(set(counts.tolist()) - {0}):  # rows' counts differ by at most one: one or two values
+        kth = torch.topk(scores, k, dim=1, largest=False, sorted=False).values.amax(dim=1)  # (faster than kthvalue)
+        threshold = torch.where(counts == k, kth, threshold)
+    if threshold.dtype.is_floating_point and bool(threshold.isnan().any()):
+        # a row whose pruned share reaches its NaN scores: comparisons cannot rank them, a sort does
+        return lowest_k_per_row_sorted(scores, counts)
+    below = scores < threshold.unsqueeze(1)
+    ties = scores == threshold.unsqueeze(1)
+    wanted = counts - below.count_nonzero(dim=1)  # how many of the ties at each threshold: the first ones
+    if bool((ties.count_nonzero(dim=1) == wanted).all()):  # every tie pruned (scores mostly differ)
+        return below | ties
+    return below | (ties & (ties.cumsum(dim=1) <= wanted.unsqueeze(1)))
+
+
+def lowest_k_per_row_sorted(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[r]`` lowest entries of each row r of ``scores`` by a stable sort of each row."""
+    rows, cols = scores.shape
     order = scores.argsort(dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
