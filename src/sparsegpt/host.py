@@ -238,8 +238,10 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
 
 def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5) -> MatmulRates:
     """The ``MatmulRates`` at ``shape`` (tokens, width, out features): for each, the best of ``repeats``
-    calls after two warm-up calls (the best, as the machine's rate, not its noise). The split product
-    runs on the faster mixed backend."""
+    calls after two warm-up calls (the best, as the machine's rate, not its noise), the calls taken in
+    turn round by round, so that a slow spell of a shared host falls on every rate alike rather than on
+    the one measured then (the choices compare rates). The split product counts on the faster mixed
+    backend."""
     from sparsegpt.linears import onednn_agrees, onednn_linear
     from sparsegpt.solver import gram
 
@@ -247,64 +249,79 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(tokens, width, generator=generator)
     weight = torch.randn(features, width, generator=generator)
+    rows, weight16, out = inputs.bfloat16(), weight.bfloat16(), torch.empty(tokens, features)
     flops = 2.0 * tokens * width * features
-
-    def rate(call: Callable[[], Any], flops: float = flops) -> float:
-        best = math.inf
-        with torch.no_grad():
-            for attempt in range(2 + repeats):
-                start = time.perf_counter()
-                call()
-                if attempt >= 2:
-                    best = min(best, time.perf_counter() - start)
-        return flops / best / 1e9
-
-    rows, out = inputs.bfloat16(), torch.empty(tokens, features)
-    mixed = {name: 0.0 for name in gram.BACKENDS}
-    for name in gram.mixed_backends(torch.bfloat16):
-        prepared = gram.mixed_weight(weight.bfloat16(), name)
-        mixed[name] = rate(lambda prepared=prepared: gram.mixed_linear(out, rows, prepared))
-    parts = gram.split_bfloat16(weight, max(mixed, key=mixed.__getitem__))
-    # the Gram products of 2048 tokens at the same width, counted as the 2·tokens·width² of a whole product
+    linear = torch.nn.functional.linear
+    calls: dict[str, tuple[Callable[[], Any], float]] = {
+        "float32": (lambda: linear(inputs, weight), flops),
+        "bfloat16": (lambda: linear(rows, weight16), flops),
+    }
+    if onednn_agrees():
+        calls["onednn_float32"] = (lambda: onednn_linear(inputs, weight), flops)
+    backends = gram.mixed_backends(torch.bfloat16)
+    for name in backends:
+        prepared = gram.mixed_weight(weight16, name)
+        calls[f"{name}_mixed"] = (lambda prepared=prepared: gram.mixed_linear(out, rows, prepared), flops)
+    for name in backends or ("mkl",):  # (without a mixed product the split widens to float32)
+        parts = gram.split_bfloat16(weight, name)
+        calls[f"split_{name}"] = (lambda parts=parts: gram.split_linear(inputs, *parts), flops)
+    # the Gram products of 2048 tokens at the same width
     tall, square = torch.cat([inputs] * 4), torch.zeros(width, width)
-    grams = {name: 0.0 for name in gram.BACKENDS}
     for name in gram.BACKENDS if gram.native_available(torch.float32) else ():
-        grams[name] = rate(lambda name=name: gram.add_gram(square, tall, backend=name)) * 4 * width / features
-    attention = measure_attention_rates(rate)
+        gram_flops = 2.0 * tall.shape[0] * width * width
+        calls[f"{name}_gram_float32"] = (lambda name=name: gram.add_gram(square, tall, backend=name), gram_flops)
+    calls.update({f"attention_{name}": call for name, call in attention_calls().items()})
+    rates = best_rates(calls, repeats)
+    mixed = max(backends or ("mkl",), key=lambda name: rates.get(f"{name}_mixed", 0.0))
     return MatmulRates(
-        rate(lambda: torch.nn.functional.linear(inputs, weight)),
-        rate(lambda: torch.nn.functional.linear(rows, weight.bfloat16())),
-        rate(lambda: gram.split_linear(inputs, *parts)),
-        mkl_mixed=mixed["mkl"],
-        native_mixed=mixed["native"],
-        onednn_float32=rate(lambda: onednn_linear(inputs, weight)) if onednn_agrees() else 0.0,
-        mkl_gram_float32=grams["mkl"],
-        native_gram_float32=grams["native"],
-        attention_float32=attention["float32"],
-        attention_bfloat16=attention["bfloat16"],
-        attention_native=attention["native"],
+        rates["float32"],
+        rates["bfloat16"],
+        rates[f"split_{mixed}"],
+        mkl_mixed=rates.get("mkl_mixed", 0.0),
+        native_mixed=rates.get("native_mixed", 0.0),
+        onednn_float32=rates.get("onednn_float32", 0.0),
+        mkl_gram_float32=rates.get("mkl_gram_float32", 0.0),
+        native_gram_float32=rates.get("native_gram_float32", 0.0),
+        attention_float32=rates["attention_float32"],
+        attention_bfloat16=rates["attention_bfloat16"],
+        attention_native=rates.get("attention_native", 0.0),
     )
 
 
-def measure_attention_rates(rate: Callable[..., float]) -> dict[str, float]:
-    """Causal self-attention at ``ATTENTION_PROBE`` by torch in float32 and in bf16 and by the native kernel
-    (0 where it is missing), in GFLOP/s of useful products by ``rate(call, flops)``."""
+def best_rates(calls: dict[str, tuple[Callable[[], Any], float]], repeats: int) -> dict[str, float]:
+    """GFLOP/s of each named (call, flops): its fastest of ``repeats`` rounds, every call once per round,
+    after two warm-up calls of each."""
+    best = dict.fromkeys(calls, math.inf)
+    with torch.no_grad():
+        for call, _ in calls.values():
+            call()
+            call()
+        for _ in range(repeats):
+            for name, (call, _) in calls.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: flops / best[name] / 1e9 for name, (_, flops) in calls.items()}
+
+
+def attention_calls() -> dict[str, tuple[Callable[[], Any], float]]:
+    """Causal self-attention at ``ATTENTION_PROBE`` by torch in float32 ("float32") and in bf16 ("bfloat16"),
+    and by the native kernel ("native", where it runs here), each with its useful products' flops."""
     from sparsegpt.attention import causal_attention, native_available
 
     heads, kv_heads, length, dim = ATTENTION_PROBE
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, count, length, dim, generator=generator) for count in (heads, kv_heads, kv_heads))
+    half = [t.bfloat16() for t in (q, k, v)]
     flops = 2.0 * heads * dim * length * length
     sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def by_torch(*tensors: torch.Tensor) -> Callable[[], Any]:
-        return lambda: sdpa(*tensors, is_causal=True, enable_gqa=True)
-
-    return {
-        "float32": rate(by_torch(q, k, v), flops),
-        "bfloat16": rate(by_torch(q.bfloat16(), k.bfloat16(), v.bfloat16()), flops),
-        "native": rate(lambda: causal_attention(q, k, v), flops) if native_available() else 0.0,
+    calls = {
+        "float32": (lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), flops),
+        "bfloat16": (lambda: sdpa(*half, is_causal=True, enable_gqa=True), flops),
     }
+    if native_available():
+        calls["native"] = (lambda: causal_attention(q, k, v), flops)
+    return calls
 
 
 def host_key() -> str:
