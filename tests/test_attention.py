@@ -186,3 +186,20 @@ def test_block_forwards_attend_natively_where_it_measured_faster(monkeypatch):
             with torch.no_grad(), pipeline.forward_precision(dtype, torch.device("cpu")):
                 model(input_ids=ids)
             assert len(calls) == (model.config.num_hidden_layers if faster else 0)
+
+
+@needs_native
+def test_scoring_attends_natively_in_every_precision(monkeypatch):
+    from sparsegpt import perplexity
+
+    calls = []
+    original = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or original(*a))
+    chosen = lambda device, dtype: NativeCausalAttention()  # noqa: E731 (as if measured faster)
+    monkeypatch.setattr(pipeline, "native_attention", chosen)
+    monkeypatch.setattr(perplexity, "native_attention", chosen)
+    model, ids = attention_model(), torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    for precision in (None, "bfloat16", "split-bfloat16"):
+        calls.clear()
+        perplexity.perplexity(model, ids, batch_size=2, precision=precision)
+        assert len(calls) == model.config.num_hidden_layers, precision

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsegpt
-from sparsegpt import Evaluation, host, perplexity
+from sparsegpt import Evaluation, host, perplexity, pipeline
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import MatmulRates, fast_bfloat16, fast_split_bfloat16, float32_linears, matmul_rates
 from sparsegpt.linears import OneDnnLinears, onednn_agrees
@@ -176,7 +176,7 @@ def test_bfloat16_scoring_keeps_the_output_layer_in_float32(monkeypatch):
             linears.append(func is torch.nn.functional.linear)
             return super().__torch_function__(func, types, args, kwargs)
 
-    monkeypatch.setattr(perplexity, "SharedInputCasts", Alone)
+    monkeypatch.setattr(pipeline, "SharedInputCasts", Alone)
     assert perplexity.perplexity(model, batch, precision="bfloat16") == fast  # shared roundings change nothing
     assert any(linears)
 

@@ -27,8 +27,9 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.host import fast_split_bfloat16, float32_linears, native_attention, product_backend
-from sparsegpt.linears import SharedInputCasts, float32_linear_call
+from sparsegpt.host import fast_split_bfloat16, native_attention, product_backend
+from sparsegpt.linears import float32_linear_call
+from sparsegpt.pipeline import forward_precision
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
 EVAL_PRECISIONS = ("auto", "model", "split-bfloat16", "bfloat16")
@@ -88,19 +89,18 @@ class SplitBfloat16Linears(TorchFunctionMode):
 
 @contextlib.contextmanager
 def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]:
-    """Score ``model`` as ``precision`` says (None: its own precision, float32 linear layers by the host's
-    faster product, ``host.float32_linears``): "split-bfloat16" splits its linear products
-    (``SplitBfloat16Linears``); "bfloat16" autocasts the forward (each linear input rounded once however
-    many layers read it, ``linears.SharedInputCasts``), all but its output layer, which then runs in
-    float32 on float32 inputs. Causal self-attention runs by the native kernel where it measured faster
-    (``host.native_attention``; in float32 but under "bfloat16")."""
+    """Score ``model`` as ``precision`` says: None (its own precision) and "bfloat16" as a pruning pass
+    runs its forwards (``pipeline.forward_precision``: float32 linear layers by the host's faster product,
+    or bf16 autocast; causal attention by the native kernel where it measured faster), "bfloat16" with
+    its output layer in float32 on float32 inputs; "split-bfloat16" splits the linear products
+    (``SplitBfloat16Linears``), attention as for float32."""
     device = next(model.parameters()).device
-    if precision is None:
-        with float32_linears(device), native_attention(device, None):
-            yield
-        return
     if precision == "split-bfloat16":
         with SplitBfloat16Linears(), native_attention(device, None):
+            yield
+        return
+    if precision is None:
+        with forward_precision(None, device):
             yield
         return
     head = model.get_output_embeddings()
@@ -114,8 +114,7 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
 
     head.forward = head_in_float32
     try:
-        autocast = torch.autocast(device.type, dtype=getattr(torch, precision))
-        with autocast, SharedInputCasts(), native_attention(device, precision):
+        with forward_precision(precision, device):
             yield
     finally:
         if own:
