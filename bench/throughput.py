@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from common import median_seconds
 
+from sparsegpt.host import attention_calls
 from sparsegpt.linears import onednn_agrees, onednn_linear
 from sparsegpt.solver.gram import _native_gram, _syrk, add_block_triangle, add_product, native_available
 from sparsegpt.solver.sparsegpt import inverse_factor, lower_triangular_inverse
@@ -145,33 +147,29 @@ def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
 ATTENTION_SHAPES = {"smollm2-135m": (9, 3, 64), "qwen2.5-coder-0.5b": (14, 2, 64), "qwen2.5-coder-1.5b": (12, 2, 128)}
 
 
+# host.attention_calls' names, as this benchmark prints them
+ATTENTION_LABELS = {"float32": "torch_float32", "bfloat16": "torch_bfloat16", "native": "native_float32"}
+
+
 def attention_timings(batch: int = 8, length: int = 512, repeats: int = 7) -> dict[str, dict[str, Any]]:
     """Per model shape: median milliseconds and useful GFLOP/s of causal self-attention by torch (float32 and
-    bf16 inputs) and by the native kernel (where the processor has it), calls interleaved."""
-    from sparsegpt.attention import causal_attention, native_available
-
+    bf16 inputs) and by the native kernel (where the processor has it; ``host.attention_calls``), the calls
+    taken in turn, one of each per round, after a warm-up call of each."""
     results = {}
     for model, (heads, kv_heads, dim) in ATTENTION_SHAPES.items():
-        # as attention layers make them: (batch, heads, length, dim) views of (batch, length, heads, dim)
-        q, k, v = (torch.randn(batch, length, count, dim).transpose(1, 2) for count in (heads, kv_heads, kv_heads))
-        half = [t.bfloat16() for t in (q, k, v)]
-        calls = {
-            "torch_float32": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True
-            ),
-            "torch_bfloat16": lambda h=half: F.scaled_dot_product_attention(*h, is_causal=True, enable_gqa=True),
-        }
-        if native_available():
-            calls["native_float32"] = lambda q=q, k=k, v=v: causal_attention(q, k, v)
+        calls = attention_calls((heads, kv_heads, length, dim), batch)
         times: dict[str, list[float]] = {name: [] for name in calls}
+        for call, _ in calls.values():
+            call()
         for _ in range(repeats):
-            for name, call in calls.items():
-                times[name].append(median_seconds(call, 1))
-        flops = 2.0 * batch * heads * dim * length * length
+            for name, (call, _) in calls.items():
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
         results[model] = {
-            name: {
+            ATTENTION_LABELS[name]: {
                 "ms": round(1e3 * statistics.median(seconds), 1),
-                "gflops": round(flops / statistics.median(seconds) / 1e9, 1),
+                "gflops": round(calls[name][1] / statistics.median(seconds) / 1e9, 1),
             }
             for name, seconds in times.items()
         }

@@ -26,8 +26,6 @@
 enum { ERROR_ARGUMENTS = -2, ERROR_ISA = -3, ERROR_MEMORY = -4 };
 enum { ROWS = 6, KEYS = 64, ROW_BLOCK = 8 * ROWS };
 
-static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,fma")))
@@ -238,7 +236,8 @@ int64_t sgpt_causal_attention(const float *q, const float *k, const float *v, fl
     if (!available()) return ERROR_ISA;
     if (batch == 0 || length == 0) return 0;
 #if defined(__GNUC__) && defined(__x86_64__)
-    Problem p = {q, k, v, out, batch, heads, group, length, dim, round_up(length, KEYS),
+    int64_t padded = (length + KEYS - 1) / KEYS * KEYS;
+    Problem p = {q, k, v, out, batch, heads, group, length, dim, padded,
                  q_strides, k_strides, v_strides, out_strides, scale};
     return attend(&p, threads);
 #else

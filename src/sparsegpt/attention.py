@@ -6,7 +6,7 @@ A calibration or evaluation forward attends over whole windows with a causal mas
 multiplies its blocks by the BLAS, which on AMD EPYC runs float32 products at about half the rate AVX-512
 reaches there; under bf16 autocast it rounds q, k and v to bf16 first and is slower still on hosts
 without AMX. The native kernel keeps float32 throughout (each row's scores, an exact softmax, the
-weighted sum of values) and runs 2-2.5× as fast as torch's on such a host (docs/RESULTS.md,
+weighted sum of values) and runs about twice as fast as torch's on such a host (docs/RESULTS.md,
 "Attention"). ``NativeCausalAttention`` sends those calls to it and leaves every other call to torch;
 ``host.native_attention`` enters it only where the host probe measured it faster than torch's kernel for
 the forward's precision.

@@ -304,16 +304,23 @@ def best_rates(calls: dict[str, tuple[Callable[[], Any], float]], repeats: int) 
     return {name: flops / best[name] / 1e9 for name, (_, flops) in calls.items()}
 
 
-def attention_calls() -> dict[str, tuple[Callable[[], Any], float]]:
-    """Causal self-attention at ``ATTENTION_PROBE`` by torch in float32 ("float32") and in bf16 ("bfloat16"),
-    and by the native kernel ("native", where it runs here), each with its useful products' flops."""
+def attention_calls(
+    shape: tuple[int, int, int, int] = ATTENTION_PROBE, batch: int = 1
+) -> dict[str, tuple[Callable[[], Any], float]]:
+    """Causal self-attention of ``batch`` windows at ``shape`` (heads, key/value heads, length, dim) by torch
+    in float32 ("float32") and in bf16 ("bfloat16"), and by the native kernel ("native", where it runs
+    here), each with its useful products' flops (2 · 2 · heads · dim · length²/2 per window). q, k and v
+    are what attention layers hand over: (batch, heads, length, dim) views of (batch, length, heads, dim)."""
     from sparsegpt.attention import causal_attention, native_available
 
-    heads, kv_heads, length, dim = ATTENTION_PROBE
+    heads, kv_heads, length, dim = shape
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, count, length, dim, generator=generator) for count in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(batch, length, count, dim, generator=generator).transpose(1, 2)
+        for count in (heads, kv_heads, kv_heads)
+    )
     half = [t.bfloat16() for t in (q, k, v)]
-    flops = 2.0 * heads * dim * length * length
+    flops = 2.0 * batch * heads * dim * length * length
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = {
         "float32": (lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), flops),
