@@ -25,12 +25,13 @@ def test_the_kernel_is_built_here():
 
 
 def attend_slowly(q, k, v, scale=None):
-    """softmax(scale · q kᵀ, keys after each query masked) v in float64, one head at a time."""
-    batch, heads, length, dim = q.shape
-    group = heads // k.shape[1]
+    """softmax(scale · q kᵀ, keys after each query masked) v in float64, one head at a time; the queries
+    are the last positions of the keys'."""
+    batch, heads, queries, dim = q.shape
+    group, keys = heads // k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
-    out = torch.empty(batch, heads, length, dim, dtype=torch.float64)
-    later = torch.ones(length, length, dtype=torch.bool).triu(1)
+    out = torch.empty(batch, heads, queries, dim, dtype=torch.float64)
+    later = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
     for b in range(batch):
         for h in range(heads):
             keys, values = k[b, h // group].double(), v[b, h // group].double()
@@ -39,17 +40,18 @@ def attend_slowly(q, k, v, scale=None):
     return out
 
 
-def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float32, layout="transposed", seed=0):
+def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float32, layout="transposed", seed=0, keys=None):
     """q, k, v as attention layers make them: (batch, heads, length, dim) views of (batch, length, heads,
-    dim) projections ("transposed"), or contiguous."""
+    dim) projections ("transposed"), or contiguous; ``keys`` (default ``length``) keys and values."""
     generator = torch.Generator().manual_seed(seed)
 
-    def one(count):
+    def one(count, length):
         if layout == "transposed":
             return torch.randn(batch, length, count, dim, generator=generator).to(dtype).transpose(1, 2)
         return torch.randn(batch, count, length, dim, generator=generator).to(dtype)
 
-    return one(heads), one(kv_heads), one(kv_heads)
+    keys = length if keys is None else keys
+    return one(heads, length), one(kv_heads, keys), one(kv_heads, keys)
 
 
 @needs_native
@@ -61,11 +63,14 @@ def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float32, layout="transp
         (3, 2, 1, 7, 80),  # dimensions past whole blocks of 64
         (1, 14, 2, 64, 128),
         (2, 3, 3, 200, 32),
+        (1, 14, 2, 1, 64, 77),  # a generation step: one query (per head) after a cache
+        (2, 9, 3, 1, 64, 130),
+        (1, 4, 1, 5, 16, 70),  # a few new tokens after a cache
     ],
 )
 @pytest.mark.parametrize("layout", ["transposed", "contiguous"])
 def test_native_attention_is_the_formula(shape, layout):
-    q, k, v = qkv(*shape, layout=layout)
+    q, k, v = qkv(*shape[:5], layout=layout, keys=shape[5] if len(shape) > 5 else None)
     expected = attend_slowly(q, k, v)
     out = causal_attention(q, k, v)
     assert out.dtype == torch.float32 and out.shape == q.shape
@@ -89,17 +94,23 @@ def test_native_attention_of_16_bit_inputs_is_float32_arithmetic():
     out = causal_attention(q, k, v)
     assert out.dtype == torch.bfloat16  # the inputs' precision, rounded once at the end
     torch.testing.assert_close(out.double(), attend_slowly(q, k, v).bfloat16().double(), rtol=0, atol=1e-2)
+    step = causal_attention(q[:, :, -1:], k, v)  # a bf16 model's generation step: bf16 read as it is
+    torch.testing.assert_close(step.double(), attend_slowly(q[:, :, -1:], k, v).bfloat16().double(), rtol=0, atol=1e-2)
+    half = causal_attention(q.half(), k.half(), v.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), attend_slowly(q.half(), k.half(), v.half()), rtol=0, atol=2e-3)
     q32 = q.float()
     mixed = causal_attention(q32, k.float(), v)  # as under autocast: q, k float32 after rotary, v bf16
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed.double(), attend_slowly(q32, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_only_causal_self_attention_of_whole_windows_is_taken():
+def test_only_the_shapes_the_kernel_covers_are_taken():
     q, k, v = qkv(1, 4, 2, 10, 16)
     assert takes(q, k, v, grouped=True) and not takes(q, k, v, grouped=False)  # 4 heads over 2: grouped only
     assert takes(q, k[:, :1].expand(1, 4, 10, 16), v[:, :1].expand(1, 4, 10, 16), grouped=False)
-    assert not takes(q, k[:, :, :5], v[:, :, :5], grouped=True)  # keys of another length (a cache)
+    assert takes(q[:, :, -1:], k, v, grouped=True)  # fewer queries than keys (after a cache)
+    assert not takes(q, k[:, :, :5], v[:, :, :5], grouped=True)  # fewer keys than queries
     assert not takes(*qkv(1, 4, 2, 10, 8), grouped=True)  # dim not a multiple of 16
     assert not takes(q.double(), k.double(), v.double(), grouped=True)
     assert not takes(q[0], k[0], v[0], grouped=True)
@@ -125,7 +136,11 @@ def test_the_mode_routes_only_the_calls_the_kernel_takes(monkeypatch):
         F.scaled_dot_product_attention(trained, k, v, is_causal=True, enable_gqa=True)  # gradients: torch's
         with torch.no_grad():
             F.scaled_dot_product_attention(trained, k, v, is_causal=True, enable_gqa=True)
-    assert taken == [None, 0.5, None]
+        step = q[:, :, -1:]  # one new token over a cache of 10: it attends to every key
+        F.scaled_dot_product_attention(step, k, v, scale=0.25, enable_gqa=True)
+        F.scaled_dot_product_attention(step, k, v, is_causal=True, enable_gqa=True)  # top-left: key 0 only
+        F.scaled_dot_product_attention(q[:, :, -3:], k, v, enable_gqa=True)  # 3 queries, no mask: not causal
+    assert taken == [None, 0.5, None, 0.25]
 
 
 def attention_model(dtype=torch.float32):
@@ -203,3 +218,34 @@ def test_scoring_attends_natively_in_every_precision(monkeypatch):
         calls.clear()
         perplexity.perplexity(model, ids, batch_size=2, precision=precision)
         assert len(calls) == model.config.num_hidden_layers, precision
+
+
+@needs_native
+def test_generation_attends_natively_over_its_cache(monkeypatch):
+    from sparsegpt import generation
+
+    calls = []
+    original = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda q, *a: calls.append(q.shape[2]) or original(q, *a))
+    model, prompt = attention_model(), torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(4))
+    assert model.config._attn_implementation == "sdpa"
+    for native in (False, True):
+        monkeypatch.setattr(generation, "native_attention_faster", lambda device, dtype, native=native: native)
+        calls.clear()
+        new, _, _ = generation.generate_ids(model, prompt, 12, stop_at_end=False)
+        assert model.config._attn_implementation == "sdpa"  # the model is handed back as it came
+        if native:
+            # the prompt's forward, then each new token's over the cache (the last token is not fed back)
+            layers = model.config.num_hidden_layers
+            assert calls == [30] * layers + [1] * (11 * layers)
+            assert torch.equal(new, expected)  # greedy in float32: the same tokens
+        else:
+            assert calls == []
+            expected = new
+
+
+def test_models_that_do_not_attend_by_sdpa_are_left_alone():
+    model = attention_model()
+    model.set_attn_implementation("eager")
+    with attention.native_attention_layers(model):
+        assert model.config._attn_implementation == "eager"

@@ -1,8 +1,12 @@
 """Text generation with transformers' ``generate``, timed: prefill (the prompt in one forward, up to the
-first new token) apart from decoding (each further token, one forward with the KV cache)."""
+first new token) apart from decoding (each further token, one forward with the KV cache). Attention runs
+by the native kernel where the host measured it faster than torch's in the model's precision
+(``host.native_attention_faster``, ``attention.native_attention_layers``): the prompt's causal attention
+and each new token's over the cache."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsegpt.attention import native_attention_layers
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.host import native_attention_faster
 
 
 @dataclass
@@ -77,8 +83,11 @@ def generate_ids(
         pad = pad[0]
     clock = _Clock()
     torch.manual_seed(seed)
+    # float32 and bf16 models attend in the precision the host probe compares (float16 ones: torch's)
+    measured = {torch.float32: None, torch.bfloat16: "bfloat16"}.get(model.dtype, "float16")
+    native = native_attention_faster(model.device, measured)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), native_attention_layers(model) if native else contextlib.nullcontext():
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), streamer=clock, pad_token_id=pad, **options
         )

@@ -180,17 +180,24 @@ def float32_linears(device: torch.device) -> contextlib.AbstractContextManager[A
     return OneDnnLinears() if device.type == "cpu" and fast_onednn_float32() else contextlib.nullcontext()
 
 
-def native_attention(device: torch.device, forward_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
-    """``attention.NativeCausalAttention`` where ``device`` is the CPU and the native kernel measured faster
-    by ``NATIVE_ATTENTION_WORTH_IT`` than torch's attention in the forward's precision (``forward_dtype``:
-    "bfloat16" under bf16 autocast, None for float32; ``MatmulRates``), else nothing."""
-    from sparsegpt.attention import NativeCausalAttention, native_available
+def native_attention_faster(device: torch.device, forward_dtype: str | None) -> bool:
+    """Whether ``device`` is the CPU and the native attention kernel measured faster by
+    ``NATIVE_ATTENTION_WORTH_IT`` than torch's attention in the forward's precision (``forward_dtype``:
+    "bfloat16" for bf16 inputs, None for float32; ``MatmulRates``)."""
+    from sparsegpt.attention import native_available
 
     if device.type != "cpu" or forward_dtype not in (None, "bfloat16") or not native_available():
-        return contextlib.nullcontext()
+        return False
     rates = matmul_rates()
     torch_rate = rates.attention_bfloat16 if forward_dtype == "bfloat16" else rates.attention_float32
-    faster = rates.attention_native >= NATIVE_ATTENTION_WORTH_IT * torch_rate
+    return rates.attention_native >= NATIVE_ATTENTION_WORTH_IT * torch_rate
+
+
+def native_attention(device: torch.device, forward_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
+    """``attention.NativeCausalAttention`` where ``native_attention_faster``, else nothing."""
+    from sparsegpt.attention import NativeCausalAttention
+
+    faster = native_attention_faster(device, forward_dtype)
     return NativeCausalAttention() if faster else contextlib.nullcontext()
 
 
