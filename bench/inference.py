@@ -13,14 +13,17 @@ alternating round by round on the same threads:
 - where a decoded token's time goes: the decoder blocks' linears and lm_head, each timed alone, and the
   rest (attention, norms, transformers' Python);
 - beside them, llama.cpp decoding the original GGUF file at the same thread count (``--llama-python``,
-  the virtualenv bench/README.md makes; skipped with ``--llama-python none``).
+  the virtualenv bench/README.md makes; skipped with ``--llama-python none``);
+- with ``--attention both``, every format generates twice a round, with torch's attention and with the
+  native kernel's, and the speeds of the two are paired by round (``--attention auto``, the default,
+  attends as the host probe chose).
 
 Formats: dense fp32 and dense bf16 (the alias's folder through torch), and through the sparse runtime:
 50% bf16, 2:4 bf16, 50% + 4-bit g128, 2:4 + 4-bit g128, dense 4-bit g128 (``--sparsity 0 --bits 4``).
 They are pruned once with SparseGPT on a small calibration (16 × 256 tokens of sotu:train; the speeds do
 not depend on which weights are kept) into ``--work`` and reused by later runs.
 
-    python bench/inference.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 3] [--json FILE]
+    python bench/inference.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 3] [--json FILE] [--attention both]
     python bench/inference.py --kernel-rates [--from-memory]    # each encoding's rate on one core
 """
 
@@ -188,12 +191,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     models = {form.name: load(folders[form.name], form) for form in formats}
     rows = {form.name: {"model": name, "format": form.name, "prefill_runs": [], "decode_runs": []} for form in formats}
     anchor: dict[str, list] = {"prefill": [], "decode": []}
+    # the attention each run takes: the host's choice, or torch's then the native kernel's (--attention both)
+    ways = {"auto": [None], "torch": [False], "native": [True], "both": [False, True]}[args.attention]
     for round_number in range(args.rounds):
         for form in formats:
-            new, prefill, decode = generate_ids(models[form.name], ids, args.new_tokens, stop_at_end=False)
-            assert len(new) == args.new_tokens
-            rows[form.name]["prefill_runs"].append(args.prompt_tokens / prefill)
-            rows[form.name]["decode_runs"].append((args.new_tokens - 1) / decode)
+            for native in ways:
+                model = models[form.name]
+                new, prefill, decode = generate_ids(
+                    model, ids, args.new_tokens, stop_at_end=False, native_attention=native
+                )
+                assert len(new) == args.new_tokens
+                suffix = "_torch_attention" if native is False and len(ways) > 1 else ""
+                rows[form.name].setdefault("prefill_runs" + suffix, []).append(args.prompt_tokens / prefill)
+                rows[form.name].setdefault("decode_runs" + suffix, []).append((args.new_tokens - 1) / decode)
         if args.llama_python != "none":
             result = llama_cpp(args.llama_python, assets.alias_gguf(name), prompt_file, args)
             anchor["prefill"].append(result["prefill_tokens_per_s"])
@@ -223,6 +233,12 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         row["prefill_tokens_per_s"] = statistics.median(row["prefill_runs"])
         row["decode_tokens_per_s"] = statistics.median(row["decode_runs"])
         row["rest_ms"] = 1e3 / row["decode_tokens_per_s"] - row["linears_ms"] - row["lm_head_ms"]
+        if "decode_runs_torch_attention" in row:  # native against torch's attention, paired by round
+            for stage in ("decode", "prefill"):
+                theirs = row[f"{stage}_runs_torch_attention"]
+                row[f"{stage}_tokens_per_s_torch_attention"] = statistics.median(theirs)
+                paired = [mine / other for mine, other in zip(row[f"{stage}_runs"], theirs)]
+                row[f"{stage}_native_vs_torch_attention"] = statistics.median(paired)
         results.append(row)
     if anchor["decode"]:
         results.append(
@@ -326,6 +342,20 @@ def table(results: list[dict]) -> str:
                 else " |"
             )
         )
+    compared = [row for row in results if "decode_native_vs_torch_attention" in row]
+    if compared:
+        lines += [
+            "",
+            "| model | format | decode tok/s, torch's attention | native attention | native / torch | prefill tok/s, torch's attention | native attention | native / torch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in compared:
+            lines.append(
+                f"| {row['model']} | {row['format']} | {row['decode_tokens_per_s_torch_attention']:.1f} | "
+                f"{row['decode_tokens_per_s']:.1f} | {row['decode_native_vs_torch_attention']:.2f} | "
+                f"{row['prefill_tokens_per_s_torch_attention']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
+                f"{row['prefill_native_vs_torch_attention']:.2f} |"
+            )
     memory = [row for row in results if "load_peak_bytes" in row]
     if memory:
         lines += [
@@ -353,6 +383,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-python", default="/tmp/llamavenv/bin/python", help=f"or none; made by: {LLAMA_VENV}")
     parser.add_argument("--skip-memory", action="store_true", help="no child process measuring memory")
+    parser.add_argument(
+        "--attention",
+        choices=("auto", "torch", "native", "both"),
+        default="auto",
+        help="generation's attention: the host's choice, torch's, the native kernel's, or both in turn (paired)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--kernel-rates", action="store_true", help="only each encoding's rate on one core (seconds)")
     parser.add_argument("--from-memory", action="store_true", help="with --kernel-rates: weights beyond the cache")

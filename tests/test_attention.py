@@ -229,19 +229,20 @@ def test_generation_attends_natively_over_its_cache(monkeypatch):
     monkeypatch.setattr(attention, "causal_attention", lambda q, *a: calls.append(q.shape[2]) or original(q, *a))
     model, prompt = attention_model(), torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(4))
     assert model.config._attn_implementation == "sdpa"
+    new = {}
     for native in (False, True):
-        monkeypatch.setattr(generation, "native_attention_faster", lambda device, dtype, native=native: native)
         calls.clear()
-        new, _, _ = generation.generate_ids(model, prompt, 12, stop_at_end=False)
+        new[native], _, _ = generation.generate_ids(model, prompt, 12, stop_at_end=False, native_attention=native)
         assert model.config._attn_implementation == "sdpa"  # the model is handed back as it came
-        if native:
-            # the prompt's forward, then each new token's over the cache (the last token is not fed back)
-            layers = model.config.num_hidden_layers
-            assert calls == [30] * layers + [1] * (11 * layers)
-            assert torch.equal(new, expected)  # greedy in float32: the same tokens
-        else:
-            assert calls == []
-            expected = new
+        # the prompt's forward, then each new token's over the cache (the last token is not fed back)
+        layers = model.config.num_hidden_layers
+        assert calls == ([30] * layers + [1] * (11 * layers) if native else [])
+    assert torch.equal(new[True], new[False])  # greedy in float32: the same tokens
+    for faster in (False, True):  # by default, as the host probe measured
+        monkeypatch.setattr(generation, "native_attention_faster", lambda device, dtype, faster=faster: faster)
+        calls.clear()
+        generation.generate_ids(model, prompt, 2)
+        assert bool(calls) == faster
 
 
 def test_models_that_do_not_attend_by_sdpa_are_left_alone():

@@ -9,8 +9,9 @@ reaches there; under bf16 autocast it rounds q, k and v to bf16 first and is slo
 without AMX. The native kernel keeps float32 throughout (each row's scores, an exact softmax, the
 weighted sum of values) and runs about twice as fast as torch's on such a host (docs/RESULTS.md,
 "Attention"). ``NativeCausalAttention`` sends those calls to it and leaves every other call to torch;
-``host.native_attention`` enters it only where the host probe measured it faster than torch's kernel for
-the forward's precision.
+``native_attention_layers`` enters it around each attention layer's call alone (generation). Both are
+used only where the host probe measured the kernel faster than torch's for the forward's precision
+(``host.native_attention_faster``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsegpt.attention import native_attention_layers
+from sparsegpt.attention import native_attention_layers, native_available
 from sparsegpt.errors import SparseGPTError
 from sparsegpt.host import native_attention_faster
 
@@ -61,10 +61,12 @@ def generate_ids(
     temperature: float = 0.0,
     seed: int = 0,
     stop_at_end: bool = True,
+    native_attention: bool | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """New token ids (1-D) for a (1, n) prompt, with the prefill and decode seconds. Greedy for
     ``temperature`` 0, else sampled at that temperature (seeded). ``stop_at_end=False`` keeps going past
-    the end-of-text token, for timing a fixed number of tokens."""
+    the end-of-text token, for timing a fixed number of tokens. ``native_attention``: attend by the native
+    kernel (True) or by torch's (False); None: as the host probe measured faster."""
     if max_new_tokens < 1:
         raise SparseGPTError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if temperature < 0:
@@ -85,7 +87,9 @@ def generate_ids(
     torch.manual_seed(seed)
     # float32 and bf16 models attend in the precision the host probe compares (float16 ones: torch's)
     measured = {torch.float32: None, torch.bfloat16: "bfloat16"}.get(model.dtype, "float16")
-    native = native_attention_faster(model.device, measured)
+    if native_attention is None:
+        native_attention = native_attention_faster(model.device, measured)
+    native = native_attention and native_available()
     start = time.perf_counter()
     with torch.no_grad(), native_attention_layers(model) if native else contextlib.nullcontext():
         output = model.generate(
