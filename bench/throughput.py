@@ -20,7 +20,8 @@ what bounds a forward pass's rate besides the matrix products. The ``attention``
 self-attention over 8 windows of 512 tokens at the head shapes of smollm2-135m, qwen2.5-coder-0.5b and
 qwen2.5-coder-1.5b: torch's kernel on float32 and on bf16 inputs, and this package's native kernel
 (``attention.causal_attention``, float32), in milliseconds and useful GFLOP/s (2 · 2 · heads · dim ·
-length²/2 per window).
+length²/2 per window); then one generation step's attention (batch 1, one query per head over 512 cached
+keys, in microseconds), where the native kernel also reads bf16 inputs as they are.
 
     python bench/throughput.py [--sections linear,gram,factorization,block,attention]
 """
@@ -148,16 +149,24 @@ ATTENTION_SHAPES = {"smollm2-135m": (9, 3, 64), "qwen2.5-coder-0.5b": (14, 2, 64
 
 
 # host.attention_calls' names, as this benchmark prints them
-ATTENTION_LABELS = {"float32": "torch_float32", "bfloat16": "torch_bfloat16", "native": "native_float32"}
+ATTENTION_LABELS = {
+    "float32": "torch_float32",
+    "bfloat16": "torch_bfloat16",
+    "native": "native_float32",
+    "native_bfloat16": "native_bfloat16_inputs",
+}
 
 
-def attention_timings(batch: int = 8, length: int = 512, repeats: int = 7) -> dict[str, dict[str, Any]]:
+def attention_timings(
+    batch: int = 8, length: int = 512, repeats: int = 7, step: bool = False
+) -> dict[str, dict[str, Any]]:
     """Per model shape: median milliseconds and useful GFLOP/s of causal self-attention by torch (float32 and
     bf16 inputs) and by the native kernel (where the processor has it; ``host.attention_calls``), the calls
-    taken in turn, one of each per round, after a warm-up call of each."""
+    taken in turn, one of each per round, after a warm-up call of each. ``step``: one generation step's
+    attention over ``length`` cached keys instead (microseconds)."""
     results = {}
     for model, (heads, kv_heads, dim) in ATTENTION_SHAPES.items():
-        calls = attention_calls((heads, kv_heads, length, dim), batch)
+        calls = attention_calls((heads, kv_heads, length, dim), batch, step)
         times: dict[str, list[float]] = {name: [] for name in calls}
         for call, _ in calls.values():
             call()
@@ -166,9 +175,10 @@ def attention_timings(batch: int = 8, length: int = 512, repeats: int = 7) -> di
                 started = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - started)
+        unit, scale = ("us", 1e6) if step else ("ms", 1e3)
         results[model] = {
             ATTENTION_LABELS[name]: {
-                "ms": round(1e3 * statistics.median(seconds), 1),
+                unit: round(scale * statistics.median(seconds), 1),
                 "gflops": round(calls[name][1] / statistics.median(seconds) / 1e9, 1),
             }
             for name, seconds in times.items()
@@ -206,6 +216,7 @@ def main() -> None:
         result["block_forward"] = block_forward_parts()
     if "attention" in sections:
         result["attention"] = attention_timings()
+        result["attention_step"] = attention_timings(batch=1, repeats=101, step=True)
     print(json.dumps(result))
 
 

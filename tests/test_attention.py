@@ -187,6 +187,15 @@ def test_host_rates_measure_attention():
     assert rates["float32"] > 0 and rates["bfloat16"] > 0 and ("native" in rates) == NATIVE
 
 
+def test_a_generation_steps_calls_agree():
+    calls = host.attention_calls((4, 2, 70, 16), batch=2, step=True)
+    outputs = {name: call().float() for name, (call, _) in calls.items()}
+    assert outputs["float32"].shape == (2, 4, 1, 16)
+    for name, out in outputs.items():  # bf16 inputs: their rounding only
+        torch.testing.assert_close(out, outputs["float32"], rtol=0, atol=1e-5 if "bfloat16" not in name else 3e-2)
+    assert ("native" in calls) == NATIVE and ("native_bfloat16" in calls) == NATIVE
+
+
 @needs_native
 def test_block_forwards_attend_natively_where_it_measured_faster(monkeypatch):
     calls = []

@@ -151,37 +151,59 @@ typedef struct {
     int32_t q_bf16, k_bf16, v_bf16;
 } Problem;
 
-/* Element `index` of a float32 or bfloat16 (`bf16`) array as a float32 (exact). */
-static inline float element(const void *data, int64_t index, int32_t bf16) {
-    if (!bf16) return ((const float *)data)[index];
-    uint32_t bits = (uint32_t)((const uint16_t *)data)[index] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
+/* 16 floats of row `index` (float32 or bfloat16, widened exactly). */
+AVX512 static inline __m512 load16(const void *data, int64_t index, int32_t bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)data + index);
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)data + index)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 /* `count` consecutive elements from `index` on as float32 (`count` a multiple of 16). */
 AVX512 static void widen_row(const void *data, int64_t index, int32_t bf16, int64_t count, float *out) {
-    if (!bf16) {
-        memcpy(out, (const float *)data + index, (size_t)count * sizeof *out);
-        return;
+    for (int64_t d = 0; d < count; d += 16) _mm512_storeu_ps(out + d, load16(data, index + d, bf16));
+}
+
+/* The 16 × 16 floats in rows[0..15] transposed in place (four rounds of shuffles: two within 128-bit lanes,
+ * then two of whole lanes). */
+AVX512 static inline void transpose16(__m512 rows[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
     }
-    const uint16_t *row = (const uint16_t *)data + index;
-    for (int64_t d = 0; d < count; d += 16) {
-        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d)));
-        _mm512_storeu_ps(out + d, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        rows[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        rows[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
     }
 }
 
 /* Keys of (batch b, key/value head g) transposed in blocks of 64 (each block's 64 × dim words
  * contiguous, what one core's L1 cache holds for dim <= 64): packed[j / 64][d][j % 64] = k[b, g, j, d],
- * zero for j >= keys. */
-static void pack_keys(const Problem *p, int64_t b, int64_t g, float *packed) {
+ * zero for j >= keys; 16 keys × 16 dimensions at a time, transposed in registers (a generation step
+ * packs its whole cache per call: this is as much work as its products). */
+AVX512 static void pack_keys(const Problem *p, int64_t b, int64_t g, float *packed) {
     int64_t base = b * p->ks[0] + g * p->ks[1];
-    for (int64_t j = 0; j < p->padded; j++) {
-        float *target = packed + (j / KEYS) * p->dim * KEYS + j % KEYS;
-        for (int64_t d = 0; d < p->dim; d++)
-            target[d * KEYS] = j < p->keys ? element(p->k, base + j * p->ks[2] + d, p->k_bf16) : 0.0f;
+    for (int64_t j0 = 0; j0 < p->padded; j0 += 16) {
+        float *target = packed + (j0 / KEYS) * p->dim * KEYS + j0 % KEYS;
+        for (int64_t d0 = 0; d0 < p->dim; d0 += 16) {
+            __m512 rows[16];
+            for (int i = 0; i < 16; i++)
+                rows[i] = j0 + i < p->keys ? load16(p->k, base + (j0 + i) * p->ks[2] + d0, p->k_bf16) : _mm512_setzero_ps();
+            transpose16(rows);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(target + (d0 + i) * KEYS, rows[i]);
+        }
     }
 }
 

@@ -312,29 +312,33 @@ def best_rates(calls: dict[str, tuple[Callable[[], Any], float]], repeats: int) 
 
 
 def attention_calls(
-    shape: tuple[int, int, int, int] = ATTENTION_PROBE, batch: int = 1
+    shape: tuple[int, int, int, int] = ATTENTION_PROBE, batch: int = 1, step: bool = False
 ) -> dict[str, tuple[Callable[[], Any], float]]:
     """Causal self-attention of ``batch`` windows at ``shape`` (heads, key/value heads, length, dim) by torch
     in float32 ("float32") and in bf16 ("bfloat16"), and by the native kernel ("native", where it runs
     here), each with its useful products' flops (2 · 2 · heads · dim · length²/2 per window). q, k and v
-    are what attention layers hand over: (batch, heads, length, dim) views of (batch, length, heads, dim)."""
+    are what attention layers hand over: (batch, heads, length, dim) views of (batch, length, heads, dim).
+    ``step``: a generation step instead, one query per head over ``length`` cached keys (2 · 2 · heads ·
+    dim · length flops)."""
     from sparsegpt.attention import causal_attention, native_available
 
     heads, kv_heads, length, dim = shape
     generator = torch.Generator().manual_seed(0)
     q, k, v = (
-        torch.randn(batch, length, count, dim, generator=generator).transpose(1, 2)
+        torch.randn(batch, 1 if step and count == heads else length, count, dim, generator=generator).transpose(1, 2)
         for count in (heads, kv_heads, kv_heads)
     )
     half = [t.bfloat16() for t in (q, k, v)]
-    flops = 2.0 * batch * heads * dim * length * length
+    flops = 4.0 * batch * heads * dim * length * (1 if step else length / 2)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = {
-        "float32": (lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), flops),
-        "bfloat16": (lambda: sdpa(*half, is_causal=True, enable_gqa=True), flops),
+        "float32": (lambda: sdpa(q, k, v, is_causal=not step, enable_gqa=True), flops),
+        "bfloat16": (lambda: sdpa(*half, is_causal=not step, enable_gqa=True), flops),
     }
     if native_available():
         calls["native"] = (lambda: causal_attention(q, k, v), flops)
+        if step:  # a bf16 model's cache, read as it is
+            calls["native_bfloat16"] = (lambda: causal_attention(*half), flops)
     return calls
 
 
