@@ -3,6 +3,7 @@ that routes torch's attention calls to it only where it takes them and only wher
 faster."""
 
 import contextlib
+import dataclasses
 import importlib
 
 import pytest
@@ -17,6 +18,13 @@ from tiny import tiny_config
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(not NATIVE, reason="the native attention kernel needs AVX-512")
+
+
+@pytest.fixture(autouse=True)
+def measured_host():
+    """The host probe run (or read from its cache) before a test counts the kernel's calls: the probe's
+    own calls of the kernel are not the test's."""
+    host.matmul_rates()
 
 
 def test_the_kernel_is_built_here():
@@ -140,7 +148,13 @@ def test_the_mode_routes_only_the_calls_the_kernel_takes(monkeypatch):
         F.scaled_dot_product_attention(step, k, v, scale=0.25, enable_gqa=True)
         F.scaled_dot_product_attention(step, k, v, is_causal=True, enable_gqa=True)  # top-left: key 0 only
         F.scaled_dot_product_attention(q[:, :, -3:], k, v, enable_gqa=True)  # 3 queries, no mask: not causal
-    assert taken == [None, 0.5, None, 0.25]
+    with NativeCausalAttention(windows=False):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1, enable_gqa=True)
+        F.scaled_dot_product_attention(step, k, v, scale=0.2, enable_gqa=True)
+    with NativeCausalAttention(steps=False):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+        F.scaled_dot_product_attention(step, k, v, scale=0.4, enable_gqa=True)
+    assert taken == [None, 0.5, None, 0.25, 0.2, 0.3]
 
 
 def attention_model(dtype=torch.float32):
@@ -180,6 +194,19 @@ def test_the_native_kernel_runs_where_it_measured_faster(monkeypatch):
             assert chosen == (NATIVE and native >= 1.1 * rate)
         assert not isinstance(host.native_attention(cpu, "float16"), NativeCausalAttention)  # not measured
         assert not isinstance(host.native_attention(torch.device("meta"), None), NativeCausalAttention)
+
+
+def test_generation_steps_go_native_where_the_probe_measured_them_faster(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, torch32, torch16 in ((30.0, 10.0, 10.0), (10.0, 30.0, 10.0), (10.0, 10.0, 30.0)):
+        rates = MatmulRates(1.0, 1.0, 1.0, attention_float32=50.0, attention_bfloat16=50.0, attention_native=10.0)
+        rates = dataclasses.replace(
+            rates, step_float32=torch32, step_bfloat16=torch16, step_native=native, step_native_bfloat16=native
+        )
+        monkeypatch.setattr(host, "matmul_rates", lambda cache=None, rates=rates: rates)
+        for dtype, rate in ((None, torch32), ("bfloat16", torch16)):
+            assert host.native_attention_faster(cpu, dtype, step=True) == (NATIVE and native >= 1.1 * rate)
+        assert not host.native_attention_faster(cpu, None)  # windows: not measured faster here
 
 
 def test_host_rates_measure_attention():
@@ -247,11 +274,14 @@ def test_generation_attends_natively_over_its_cache(monkeypatch):
         layers = model.config.num_hidden_layers
         assert calls == ([30] * layers + [1] * (11 * layers) if native else [])
     assert torch.equal(new[True], new[False])  # greedy in float32: the same tokens
-    for faster in (False, True):  # by default, as the host probe measured
-        monkeypatch.setattr(generation, "native_attention_faster", lambda device, dtype, faster=faster: faster)
+    layers = model.config.num_hidden_layers
+    for windows, steps in ((False, False), (True, False), (False, True), (True, True)):
+        # by default the prompt and the steps each as the host probe measured for them
+        chosen = lambda device, dtype, step=False, w=windows, s=steps: s if step else w  # noqa: E731
+        monkeypatch.setattr(generation, "native_attention_faster", chosen)
         calls.clear()
-        generation.generate_ids(model, prompt, 2)
-        assert bool(calls) == faster
+        generation.generate_ids(model, prompt, 3, stop_at_end=False)
+        assert calls == [30] * layers * windows + [1] * (2 * layers) * steps
 
 
 def test_models_that_do_not_attend_by_sdpa_are_left_alone():

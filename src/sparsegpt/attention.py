@@ -114,10 +114,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 class NativeCausalAttention(TorchFunctionMode):
     """``F.scaled_dot_product_attention`` by ``causal_attention`` where the call is causal attention it
-    takes (``takes``; no mask, no dropout, no gradient wanted): ``is_causal`` with as many queries as keys,
-    or one query attending to every key (a generation step); every other call goes to torch unchanged.
+    takes (``takes``; no mask, no dropout, no gradient wanted): ``is_causal`` with as many queries as keys
+    (``windows``), or one query attending to every key (a generation step, ``steps``); every other call
+    goes to torch unchanged.
     Under autocast the inputs are not rounded to its precision: the attention runs in float32 and returns
     float32, which the next linear layer rounds as autocast does."""
+
+    def __init__(self, windows: bool = True, steps: bool = True) -> None:
+        super().__init__()
+        self.windows, self.steps = windows, steps
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -133,33 +138,45 @@ class NativeCausalAttention(TorchFunctionMode):
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
                 and takes(q, k, v, bool(options["enable_gqa"]))
                 # torch's is_causal aligns its mask top-left, the kernel bottom-right: the same where lengths match
-                and (q.shape[2] == k.shape[2] if options["is_causal"] else q.shape[2] == 1)
+                and (
+                    self.windows and q.shape[2] == k.shape[2]
+                    if options["is_causal"]
+                    else self.steps and q.shape[2] == 1
+                )
             ):
                 return causal_attention(q, k, v, options["scale"])
         return func(*args, **kwargs)
 
 
-# transformers' attention interface: the name a model's layers attend by while ``native_attention_layers`` holds
+# transformers' attention interface: the names a model's layers attend by while ``native_attention_layers``
+# holds begin so (then "_windows", "_steps" or both: the calls the kernel takes)
 NATIVE_IMPLEMENTATION = "sparsegpt_native"
 
 
 def _native_sdpa_forward(
-    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+    windows: bool,
+    steps: bool,
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     """transformers' SDPA attention of one layer, its ``F.scaled_dot_product_attention`` call by the native
-    kernel where ``NativeCausalAttention`` takes it."""
+    kernel where ``NativeCausalAttention(windows, steps)`` takes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with NativeCausalAttention():
+    with NativeCausalAttention(windows, steps):
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
 
 @contextlib.contextmanager
-def native_attention_layers(model: Any) -> Iterator[None]:
+def native_attention_layers(model: Any, windows: bool = True, steps: bool = True) -> Iterator[None]:
     """Within: the attention layers of ``model`` (a transformers model that attends by SDPA) attend as SDPA
-    does, with ``NativeCausalAttention`` entered around each layer's attention alone. A mode around the
-    whole forward would see every operation of it: a generation step's thousands of small ones cost more
-    in that mode's Python than the kernel saves. Other models are left as they are."""
+    does, with ``NativeCausalAttention(windows, steps)`` entered around each layer's attention alone. A
+    mode around the whole forward would see every operation of it: a generation step's thousands of small
+    ones cost more in that mode's Python than the kernel saves. Other models are left as they are."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         yield
@@ -168,9 +185,10 @@ def native_attention_layers(model: Any) -> Iterator[None]:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     # registered under this package's name, beside transformers' own (its documented extension point)
-    AttentionInterface.register(NATIVE_IMPLEMENTATION, _native_sdpa_forward)
-    AttentionMaskInterface.register(NATIVE_IMPLEMENTATION, sdpa_mask)  # the masks SDPA gets
-    model.set_attn_implementation(NATIVE_IMPLEMENTATION)
+    name = f"{NATIVE_IMPLEMENTATION}{'_windows' if windows else ''}{'_steps' if steps else ''}"
+    AttentionInterface.register(name, functools.partial(_native_sdpa_forward, windows, steps))
+    AttentionMaskInterface.register(name, sdpa_mask)  # the masks SDPA gets
+    model.set_attn_implementation(name)
     try:
         yield
     finally:

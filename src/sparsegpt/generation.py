@@ -66,7 +66,8 @@ def generate_ids(
     """New token ids (1-D) for a (1, n) prompt, with the prefill and decode seconds. Greedy for
     ``temperature`` 0, else sampled at that temperature (seeded). ``stop_at_end=False`` keeps going past
     the end-of-text token, for timing a fixed number of tokens. ``native_attention``: attend by the native
-    kernel (True) or by torch's (False); None: as the host probe measured faster."""
+    kernel (True) or by torch's (False); None: each of the prompt and the steps after it by the one the
+    host probe measured faster for it."""
     if max_new_tokens < 1:
         raise SparseGPTError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if temperature < 0:
@@ -85,13 +86,17 @@ def generate_ids(
         pad = pad[0]
     clock = _Clock()
     torch.manual_seed(seed)
-    # float32 and bf16 models attend in the precision the host probe compares (float16 ones: torch's)
+    # float32 and bf16 models attend in the precision the host probe compares (float16 ones: torch's);
+    # the prompt and the steps after it each by the kernel the probe measured faster for them
     measured = {torch.float32: None, torch.bfloat16: "bfloat16"}.get(model.dtype, "float16")
     if native_attention is None:
-        native_attention = native_attention_faster(model.device, measured)
-    native = native_attention and native_available()
+        windows = native_attention_faster(model.device, measured)
+        steps = native_attention_faster(model.device, measured, step=True)
+    else:
+        windows = steps = native_attention and native_available()
+    layers = native_attention_layers(model, windows, steps) if windows or steps else contextlib.nullcontext()
     start = time.perf_counter()
-    with torch.no_grad(), native_attention_layers(model) if native else contextlib.nullcontext():
+    with torch.no_grad(), layers:
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), streamer=clock, pad_token_id=pad, **options
         )

@@ -68,8 +68,9 @@ class MatmulRates:
     bf16 × bf16 → float32 linear product, and a float32 Gram matrix of 2048 tokens (its upper triangle,
     counted as the whole product), which decide ``product_backend``. Beside them, causal self-attention at
     ``ATTENTION_PROBE`` (counted as its useful products, 2 · 2 · heads · dim · length²/2) by torch's kernel
-    in float32 and in bf16 and by this package's native kernel (0 where it is missing), which decide
-    ``native_attention``."""
+    in float32 and in bf16 and by this package's native kernel (0 where it is missing), and the same for
+    one generation step's attention (``attention_calls(step=True)``; the native kernel on float32 and on
+    bf16 inputs), which decide ``native_attention_faster``."""
 
     float32: float
     bfloat16: float
@@ -82,6 +83,10 @@ class MatmulRates:
     attention_float32: float = 0.0
     attention_bfloat16: float = 0.0
     attention_native: float = 0.0
+    step_float32: float = 0.0
+    step_bfloat16: float = 0.0
+    step_native: float = 0.0
+    step_native_bfloat16: float = 0.0
 
     @property
     def best_float32(self) -> float:
@@ -126,6 +131,10 @@ RATE_NAMES = (
     "attention_float32",
     "attention_bfloat16",
     "attention_native",
+    "step_float32",
+    "step_bfloat16",
+    "step_native",
+    "step_native_bfloat16",
 )
 
 
@@ -180,17 +189,23 @@ def float32_linears(device: torch.device) -> contextlib.AbstractContextManager[A
     return OneDnnLinears() if device.type == "cpu" and fast_onednn_float32() else contextlib.nullcontext()
 
 
-def native_attention_faster(device: torch.device, forward_dtype: str | None) -> bool:
+def native_attention_faster(device: torch.device, forward_dtype: str | None, step: bool = False) -> bool:
     """Whether ``device`` is the CPU and the native attention kernel measured faster by
     ``NATIVE_ATTENTION_WORTH_IT`` than torch's attention in the forward's precision (``forward_dtype``:
-    "bfloat16" for bf16 inputs, None for float32; ``MatmulRates``)."""
+    "bfloat16" for bf16 inputs, None for float32; ``MatmulRates``): over whole windows, or with ``step``
+    for a generation step's one query per head over its cache."""
     from sparsegpt.attention import native_available
 
     if device.type != "cpu" or forward_dtype not in (None, "bfloat16") or not native_available():
         return False
-    rates = matmul_rates()
-    torch_rate = rates.attention_bfloat16 if forward_dtype == "bfloat16" else rates.attention_float32
-    return rates.attention_native >= NATIVE_ATTENTION_WORTH_IT * torch_rate
+    rates, bf16 = matmul_rates(), forward_dtype == "bfloat16"
+    if step:
+        native, theirs = (
+            (rates.step_native_bfloat16, rates.step_bfloat16) if bf16 else (rates.step_native, rates.step_float32)
+        )
+    else:
+        native, theirs = rates.attention_native, rates.attention_bfloat16 if bf16 else rates.attention_float32
+    return native >= NATIVE_ATTENTION_WORTH_IT * theirs
 
 
 def native_attention(device: torch.device, forward_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -220,7 +235,7 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
     log.info(
         "this host multiplies at %.0f GFLOP/s in float32 (%.0f by oneDNN), %.0f in bfloat16, %.0f split; bf16 "
         "into float32 %.0f by MKL, %.0f by the AVX512-BF16 kernels; attends at %.0f in float32, %.0f in bfloat16, "
-        "%.0f by the native kernel (cached in %s)",
+        "%.0f by the native kernel; a generation step at %.1f, %.1f, %.1f (%.1f from bf16) (cached in %s)",
         rates.float32,
         rates.onednn_float32,
         rates.bfloat16,
@@ -230,6 +245,10 @@ def matmul_rates(cache: Path | None = None) -> MatmulRates:
         rates.attention_float32,
         rates.attention_bfloat16,
         rates.attention_native,
+        rates.step_float32,
+        rates.step_bfloat16,
+        rates.step_native,
+        rates.step_native_bfloat16,
         path,
     )
     known[key] = {name: getattr(rates, name) for name in RATE_NAMES}
@@ -278,6 +297,7 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
         gram_flops = 2.0 * tall.shape[0] * width * width
         calls[f"{name}_gram_float32"] = (lambda name=name: gram.add_gram(square, tall, backend=name), gram_flops)
     calls.update({f"attention_{name}": call for name, call in attention_calls().items()})
+    calls.update({f"step_{name}": call for name, call in attention_calls(step=True).items()})
     rates = best_rates(calls, repeats)
     mixed = max(backends or ("mkl",), key=lambda name: rates.get(f"{name}_mixed", 0.0))
     return MatmulRates(
@@ -292,6 +312,10 @@ def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int
         attention_float32=rates["attention_float32"],
         attention_bfloat16=rates["attention_bfloat16"],
         attention_native=rates.get("attention_native", 0.0),
+        step_float32=rates["step_float32"],
+        step_bfloat16=rates["step_bfloat16"],
+        step_native=rates.get("step_native", 0.0),
+        step_native_bfloat16=rates.get("step_native_bfloat16", 0.0),
     )
 
 
