@@ -48,6 +48,10 @@ def test_host_rates_are_measured_once_and_cached(tmp_path, monkeypatch):
         "attention_float32": 0.0,
         "attention_bfloat16": 0.0,
         "attention_native": 0.0,
+        "step_float32": 0.0,
+        "step_bfloat16": 0.0,
+        "step_native": 0.0,
+        "step_native_bfloat16": 0.0,
     }
     assert fast_bfloat16(CPU, tmp_path) and fast_split_bfloat16(CPU, tmp_path) == MIXED
     (tmp_path / host.RATES_FILE).write_text("{not json")  # a damaged cache is measured anew
