@@ -342,33 +342,32 @@ def table(results: list[dict]) -> str:
                 else " |"
             )
         )
-    compared = [row for row in results if "decode_native_vs_torch_attention" in row]
-    if compared:
-        lines += [
-            "",
-            "| model | format | decode tok/s, torch's attention | native attention | native / torch | prefill tok/s, torch's attention | native attention | native / torch |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for row in compared:
-            lines.append(
-                f"| {row['model']} | {row['format']} | {row['decode_tokens_per_s_torch_attention']:.1f} | "
-                f"{row['decode_tokens_per_s']:.1f} | {row['decode_native_vs_torch_attention']:.2f} | "
-                f"{row['prefill_tokens_per_s_torch_attention']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
-                f"{row['prefill_native_vs_torch_attention']:.2f} |"
-            )
-    memory = [row for row in results if "load_peak_bytes" in row]
-    if memory:
-        lines += [
-            "",
-            "| model | format | compact MB | resident MB | resident / compact | peak while loading MB | compact + largest dense tensor MB |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in memory:
-            lines.append(
-                f"| {row['model']} | {row['format']} | {row['compact_bytes'] / 1e6:.0f} | {row['load_resident_bytes'] / 1e6:.0f} | "
-                f"{row['load_resident_bytes'] / row['compact_bytes']:.3f} | {row['load_peak_bytes'] / 1e6:.0f} | "
-                f"{(row['compact_bytes'] + row['largest_dense_tensor_bytes']) / 1e6:.0f} |"
-            )
+
+    def section(header: str, rows: list[str]) -> list[str]:
+        """A table after a blank line: its header, the rule under it, its rows (nothing without rows)."""
+        return ["", header, "|---" * (header.count("|") - 1) + "|", *rows] if rows else []
+
+    lines += section(
+        "| model | format | decode tok/s, torch's attention | native attention | native / torch | prefill tok/s, torch's attention | native attention | native / torch |",
+        [
+            f"| {row['model']} | {row['format']} | {row['decode_tokens_per_s_torch_attention']:.1f} | "
+            f"{row['decode_tokens_per_s']:.1f} | {row['decode_native_vs_torch_attention']:.2f} | "
+            f"{row['prefill_tokens_per_s_torch_attention']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
+            f"{row['prefill_native_vs_torch_attention']:.2f} |"
+            for row in results
+            if "decode_native_vs_torch_attention" in row
+        ],
+    )
+    lines += section(
+        "| model | format | compact MB | resident MB | resident / compact | peak while loading MB | compact + largest dense tensor MB |",
+        [
+            f"| {row['model']} | {row['format']} | {row['compact_bytes'] / 1e6:.0f} | {row['load_resident_bytes'] / 1e6:.0f} | "
+            f"{row['load_resident_bytes'] / row['compact_bytes']:.3f} | {row['load_peak_bytes'] / 1e6:.0f} | "
+            f"{(row['compact_bytes'] + row['largest_dense_tensor_bytes']) / 1e6:.0f} |"
+            for row in results
+            if "load_peak_bytes" in row
+        ],
+    )
     return "\n".join(lines)
 
 
