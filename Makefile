@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 
 SOURCES := pyproject.toml src/sparsegpt/formats/_cdecode.c src/sparsegpt/formats/_encoding.h \
 	src/sparsegpt/runtime/_kernels.c src/sparsegpt/solver/_gram.c \
-	src/sparsegpt/_attention.c
+	src/sparsegpt/_attention.c src/sparsegpt/_elementwise.c src/sparsegpt/_exp.h
 
 # $(1): what to install of the package ('.[dev]': with the test and benchmark tools)
 define install

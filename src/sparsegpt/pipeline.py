@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sparsegpt.config import DEFAULT_REFINE, PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.fused import fused_block_steps
 from sparsegpt.host import fast_bfloat16, float32_linears, native_attention, product_backend
 from sparsegpt.linears import SharedInputCasts
 from sparsegpt.models import (
@@ -468,18 +469,23 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
 
 
 @contextlib.contextmanager
-def forward_precision(forward_dtype: str | None, device: torch.device) -> Iterator[SharedInputCasts | None]:
+def forward_precision(
+    forward_dtype: str | None, device: torch.device, module: nn.Module | None = None
+) -> Iterator[SharedInputCasts | None]:
     """Autocast to ``forward_dtype`` for block forwards (a resolved ``PruneConfig.forward_dtype``: see
     ``resolve_forward_dtype``), each linear input rounded once however many layers read it (the
     ``linears.SharedInputCasts`` yielded); or the model's own precision, its float32 linear layers by the
     host's faster product (``host.float32_linears``), yielding None. Either way causal self-attention runs
-    by the native kernel where it measured faster (``host.native_attention``)."""
+    by the native kernel where it measured faster (``host.native_attention``), and on the CPU the
+    elementwise steps of ``module`` (the block or model the forwards run through) by the fused kernels
+    (``fused.fused_block_steps``)."""
+    steps = fused_block_steps(module) if module is not None and device.type == "cpu" else contextlib.nullcontext()
     if forward_dtype is None:
-        with float32_linears(device), native_attention(device, None):
+        with steps, float32_linears(device), native_attention(device, None):
             yield None
         return
     autocast = torch.autocast(device.type, dtype=getattr(torch, forward_dtype))
-    with autocast, SharedInputCasts() as casts, native_attention(device, forward_dtype):
+    with steps, autocast, SharedInputCasts() as casts, native_attention(device, forward_dtype):
         yield casts
 
 
@@ -514,7 +520,7 @@ def observe_block(
     from inputs rounded to it, as the layers see them."""
     operands = getattr(torch, forward_dtype) if forward_dtype is not None else None
     # without ``outputs`` nothing after the last weight's input is needed (see LinearInputObserver)
-    with forward_precision(forward_dtype, device) as casts:
+    with forward_precision(forward_dtype, device, block.module) as casts:
         observer = LinearInputObserver(weights, device, full, operands, stop_early=outputs is None, casts=casts)
         with observer:  # the observer sees each F.linear first
             for states, call in zip(hidden, calls):
@@ -570,7 +576,7 @@ def advance_block(
     """Replace each batch's hidden states, in place, by ``block``'s outputs (the next block's inputs)."""
     parameter = next(block.module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    with forward_precision(forward_dtype, device):  # one context: autocast casts each weight once
+    with forward_precision(forward_dtype, device, block.module):  # one context: autocast casts each weight once
         for batch, (states, call) in enumerate(zip(hidden, calls)):
             output = call.run(block.module, states)
             # the next block gets its inputs in the precision they came in

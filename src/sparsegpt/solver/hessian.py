@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsegpt import fused
 from sparsegpt.solver.gram import add_gram, mirror_gram, triangle_edges
 
 # rows squared and summed per chunk: a chunk's float32 squares stay in the cache, where a whole batch's
@@ -15,7 +16,10 @@ SQUARES_CHUNK = 256
 
 
 def add_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> None:
-    """``squares += (rows²).sum(dim=0)`` with the squares formed in ``squares``' precision."""
+    """``squares += (rows²).sum(dim=0)`` with the squares formed in ``squares``' precision: in one pass by
+    the fused kernel where it takes them (float32 sums; ``fused.add_column_squares``), else by torch."""
+    if fused.add_column_squares(squares, rows):
+        return
     for chunk in rows.split(SQUARES_CHUNK):
         squares.add_(chunk.to(squares.dtype).square().sum(dim=0))
 
