@@ -13,7 +13,8 @@ then the factorizations of a Hessian (widths 1536, 4096, 11008): the Cholesky fa
 triangular inverse by halves (``lower_triangular_inverse``) against LAPACK's triangular solve with the
 identity, and the whole ``inverse_factor`` in both factorizations; seconds and useful GFLOP/s (n³/3 for
 a factorization or a triangular inverse). The ``block`` section (not run by default) times one block
-forward of smollm2-135m (block 3, 8 × 512 tokens of sotu:train) in float32 and under bf16 autocast, and
+forward of smollm2-135m (block 3, 8 × 512 tokens of sotu:train) in float32 and under bf16 autocast, with
+the elementwise steps by the fused kernels as a pass runs them and by torch's ops ("torch steps"), and
 splits it by the profiler into matrix products, attention and everything else (norms, rotary embeddings,
 activations, casts of the inputs, residual adds; each weight is cast once per context, as in a pass):
 what bounds a forward pass's rate besides the matrix products. The ``attention`` section times causal
@@ -123,10 +124,17 @@ def block_forward_parts(repeats: int = 7) -> dict[str, dict[str, float]]:
     hidden, calls = pipeline.capture_block_inputs(model, blocks, [windows[:8]])
     block, states, call = blocks[3].module, hidden[0], calls[3][0]
     parts = {}
-    for name, precision in (("float32", None), ("bfloat16", "bfloat16")):
+    variants = [
+        (f"{name}{suffix}", precision, fused)
+        for name, precision in (("float32", None), ("bfloat16", "bfloat16"))
+        for suffix, fused in (("", True), (" torch steps", False))
+    ]
+    for name, precision, fused in variants:
         # one context for all calls, as in a pass of the pipeline (no gradients): autocast casts each
-        # weight once, and float32 linears go to the host's faster product
-        with torch.no_grad(), pipeline.forward_precision(precision, torch.device("cpu")):
+        # weight once, float32 linears go to the host's faster product, and the elementwise steps to the
+        # fused kernels (or, for "torch steps", torch's own ops)
+        module = block if fused else None
+        with torch.no_grad(), pipeline.forward_precision(precision, torch.device("cpu"), module):
             milliseconds = 1e3 * median_seconds(lambda: call.run(block, states), repeats)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
                 for _ in range(repeats):

@@ -266,3 +266,17 @@ def test_column_squares_leave_to_torch_what_the_kernel_does_not_take():
     assert not fused.add_column_squares(torch.zeros(4, dtype=torch.float64), rows)  # float64 sums
     assert not fused.add_column_squares(torch.zeros(4), rows.t().contiguous().t())  # columns not contiguous
     assert not fused.add_column_squares(torch.zeros(4), rows.half())
+
+
+@needs_native
+@pytest.mark.parametrize("precision", [None, "bfloat16", "split-bfloat16"])
+def test_scoring_fuses_the_blocks_steps_and_leaves_the_final_norm(precision):
+    from sparsegpt.perplexity import scoring_precision
+
+    model = tiny_model("llama")
+    with scoring_precision(model, precision):
+        layer = model.model.layers[0]
+        assert "forward" in layer.mlp.__dict__ and "forward" in layer.input_layernorm.__dict__
+        # outside the blocks, as a streamed evaluation computes it: by torch's ops
+        assert "forward" not in model.model.norm.__dict__
+    assert "forward" not in model.model.layers[0].mlp.__dict__

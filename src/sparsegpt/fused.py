@@ -78,6 +78,15 @@ def _plain(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _KINDS and not (grad and t.requires_grad) for t in tensors)
 
 
+# below this many values a kernel runs on one thread: a generation step's few thousand are done before
+# another thread would have started
+_PARALLEL_VALUES = 1 << 15
+
+
+def _threads(tensor: torch.Tensor) -> int:
+    return torch.get_num_threads() if tensor.numel() >= _PARALLEL_VALUES else 1
+
+
 def _check(status: int, name: str) -> None:
     if status != 0:
         raise RuntimeError(f"the fused {name} kernel failed with status {status}")
@@ -93,7 +102,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     with torch.profiler.record_function("sparsegpt::silu_mul"):  # named in profiles, as torch's ops are
         status = library.sgpt_silu_mul(
-            gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _KINDS[gate.dtype], torch.get_num_threads()
+            gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _KINDS[gate.dtype], _threads(gate)
         )
     _check(status, "silu_mul")
     return out
@@ -125,7 +134,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             width,
             eps,
             _KINDS[x.dtype],
-            torch.get_num_threads(),
+            _threads(x),
         )
     _check(status, "rms_norm")
     return out
@@ -155,7 +164,7 @@ def add_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
             rows.stride(0),
             _KINDS[rows.dtype],
             squares.data_ptr(),
-            torch.get_num_threads(),
+            _threads(rows),
         )
     _check(status, "column_squares")
     return True
@@ -209,7 +218,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             heads,
             positions,
             dim,
-            torch.get_num_threads(),
+            _threads(x),
         )
     _check(status, "rotary")
     return out

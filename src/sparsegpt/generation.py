@@ -16,7 +16,9 @@ from torch import nn
 
 from sparsegpt.attention import native_attention_layers, native_available
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.fused import fused_block_steps
 from sparsegpt.host import native_attention_faster
+from sparsegpt.models import decoder_blocks
 
 
 @dataclass
@@ -67,7 +69,8 @@ def generate_ids(
     ``temperature`` 0, else sampled at that temperature (seeded). ``stop_at_end=False`` keeps going past
     the end-of-text token, for timing a fixed number of tokens. ``native_attention``: attend by the native
     kernel (True) or by torch's (False); None: each of the prompt and the steps after it by the one the
-    host probe measured faster for it."""
+    host probe measured faster for it. On CPU the decoder blocks' norms, gated activations and rotary
+    embeddings run by the fused kernels (``fused.fused_block_steps``) where their probes agree."""
     if max_new_tokens < 1:
         raise SparseGPTError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if temperature < 0:
@@ -95,8 +98,12 @@ def generate_ids(
     else:
         windows = steps = native_attention and native_available()
     layers = native_attention_layers(model, windows, steps) if windows or steps else contextlib.nullcontext()
+    blocks = decoder_blocks(model)  # their elementwise steps by the fused kernels
+    steps_fused = (
+        fused_block_steps(blocks) if blocks is not None and model.device.type == "cpu" else contextlib.nullcontext()
+    )
     start = time.perf_counter()
-    with torch.no_grad(), layers:
+    with torch.no_grad(), layers, steps_fused:
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), streamer=clock, pad_token_id=pad, **options
         )

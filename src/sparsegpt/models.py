@@ -80,6 +80,14 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def decoder_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's list of decoder blocks (``find_block_list``), or None where it has none."""
+    try:
+        return find_block_list(model)[1]
+    except SparseGPTError:
+        return None
+
+
 def find_weights(block: nn.Module, prefix: str) -> list[LinearWeight]:
     """Every prunable weight inside ``block``, named by its full module path."""
     from transformers.pytorch_utils import Conv1D

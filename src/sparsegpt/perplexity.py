@@ -27,8 +27,10 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
+from sparsegpt.fused import fused_block_steps
 from sparsegpt.host import fast_split_bfloat16, native_attention, product_backend
 from sparsegpt.linears import float32_linear_call
+from sparsegpt.models import decoder_blocks
 from sparsegpt.pipeline import forward_precision
 from sparsegpt.solver.gram import MixedWeight, native_mixed_gram, split_bfloat16, split_linear
 
@@ -91,16 +93,19 @@ class SplitBfloat16Linears(TorchFunctionMode):
 def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]:
     """Score ``model`` as ``precision`` says: None (its own precision) and "bfloat16" as a pruning pass
     runs its forwards (``pipeline.forward_precision``: float32 linear layers by the host's faster product,
-    or bf16 autocast; causal attention by the native kernel where it measured faster), "bfloat16" with
+    or bf16 autocast; causal attention by the native kernel where it measured faster; the decoder
+    blocks' elementwise steps by the fused kernels), "bfloat16" with
     its output layer in float32 on float32 inputs; "split-bfloat16" splits the linear products
     (``SplitBfloat16Linears``), attention as for float32."""
     device = next(model.parameters()).device
+    blocks = decoder_blocks(model)  # their elementwise steps fused, as a streamed evaluation's are
     if precision == "split-bfloat16":
-        with SplitBfloat16Linears(), native_attention(device, None):
+        steps = fused_block_steps(blocks) if blocks is not None and device.type == "cpu" else contextlib.nullcontext()
+        with steps, SplitBfloat16Linears(), native_attention(device, None):
             yield
         return
     if precision is None:
-        with forward_precision(None, device):
+        with forward_precision(None, device, blocks):
             yield
         return
     head = model.get_output_embeddings()
@@ -114,7 +119,7 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
 
     head.forward = head_in_float32
     try:
-        with forward_precision(precision, device):
+        with forward_precision(precision, device, blocks):
             yield
     finally:
         if own:
