@@ -246,29 +246,6 @@ def test_block_forwards_of_the_pipeline_use_them(forward_dtype, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("width", [7, 64, 100, 576])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_column_squares_are_the_chunked_torch_sums(width, dtype):
-    generator = torch.Generator().manual_seed(width)
-    wide = torch.randn(600, width + 5, generator=generator).to(dtype)
-    rows = wide[:, 3 : 3 + width]  # rows at a stride wider than the width
-    start = torch.rand(width, generator=generator)
-    squares = start.clone()
-    assert fused.add_column_squares(squares, rows)
-    expected = start.clone()
-    for chunk in rows.split(256):  # what solver/hessian.py sums by torch
-        expected.add_(chunk.float().square().sum(dim=0))
-    assert torch.allclose(squares, expected, rtol=1e-6, atol=0)
-
-
-def test_column_squares_leave_to_torch_what_the_kernel_does_not_take():
-    rows = torch.randn(10, 4)
-    assert not fused.add_column_squares(torch.zeros(4, dtype=torch.float64), rows)  # float64 sums
-    assert not fused.add_column_squares(torch.zeros(4), rows.t().contiguous().t())  # columns not contiguous
-    assert not fused.add_column_squares(torch.zeros(4), rows.half())
-
-
-@needs_native
 @pytest.mark.parametrize("precision", [None, "bfloat16", "split-bfloat16"])
 def test_scoring_fuses_the_blocks_steps_and_leaves_the_final_norm(precision):
     from sparsegpt.perplexity import scoring_precision

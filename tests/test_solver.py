@@ -229,6 +229,34 @@ def test_native_kernels_say_what_they_take():
         assert gram.native_available(torch.float32) and "native" in gram.mixed_backends(torch.bfloat16)
 
 
+takes_squares = pytest.mark.skipif(
+    not gram.native_column_squares(torch.zeros(1), torch.zeros(1, 1)), reason="no AVX-512 (F, BW, VL) here"
+)
+
+
+@takes_squares
+@pytest.mark.parametrize("width", [7, 64, 100, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_squares_are_the_chunked_torch_sums(width, dtype):
+    generator = torch.Generator().manual_seed(width)
+    wide = torch.randn(600, width + 5, generator=generator).to(dtype)
+    rows = wide[:, 3 : 3 + width]  # rows at a stride wider than the width
+    start = torch.rand(width, generator=generator)
+    squares = start.clone()
+    assert gram.native_column_squares(squares, rows)
+    expected = start.clone()
+    for chunk in rows.split(256):  # what InputStatistics sums by torch elsewhere
+        expected.add_(chunk.float().square().sum(dim=0))
+    assert torch.allclose(squares, expected, rtol=1e-6, atol=0)
+
+
+def test_column_squares_leave_to_torch_what_the_kernel_does_not_take():
+    rows = torch.randn(10, 4)
+    assert not gram.native_column_squares(torch.zeros(4, dtype=torch.float64), rows)  # float64 sums
+    assert not gram.native_column_squares(torch.zeros(4), rows.t().contiguous().t())  # columns not contiguous
+    assert not gram.native_column_squares(torch.zeros(4), rows.half())
+
+
 @pytest.mark.parametrize("width", [24, 600])  # 600: the Gram matrix is summed in two blocks of rows
 def test_statistics_with_16_bit_operands_see_the_rounded_inputs(width):
     inputs = torch.randn(3, 300, width)  # 300 rows a batch: the column squares are summed in two chunks

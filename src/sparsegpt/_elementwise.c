@@ -8,9 +8,6 @@
  *   rms_norm:  out[r] = weight · x[r] / sqrt(mean(x[r]²) + eps)      (per row of `width` values)
  *   rotary:    out = x · cos + rotate_half(x) · sin,  rotate_half(x) = (−x₂, x₁), x = (x₁, x₂) halves
  *
- * and one statistic of the calibration forwards, column_squares: out[j] += Σ_t x[t, j]² (Wanda's squared
- * input norms, without torch's float32 copy of the inputs).
- *
  * Values are float32 or bfloat16 (kind 0 or 1). Each kernel rounds where torch's ops round, to the kind
  * torch's type promotion gives, so its results are torch's: rotary bit for bit; rms_norm up to the order of
  * its sum of squares; silu_mul up to its exponential (an error of about one float32 ulp before the product
@@ -25,7 +22,6 @@
 enum { ERROR_ARGUMENTS = -2, ERROR_ISA = -3 };
 enum { KIND_FLOAT32 = 0, KIND_BFLOAT16 = 1 };
 enum { CHUNK = 4096 };         /* values of silu_mul per OpenMP task */
-enum { SQUARES_CHUNK = 256 }; /* tokens column_squares sums before adding to its output */
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -147,34 +143,6 @@ AVX512 static void rotary_avx512(const void *x, const int64_t *x_strides, int32_
     }
 }
 
-/* out[j] += Σ_t x[t, j]² for x (tokens, width, row stride ldx): each square rounded to float32 and added in
- * token order within chunks of SQUARES_CHUNK tokens, each chunk's sums then added to out (Wanda's squared
- * input norms as solver/hessian.py sums them by torch, in one pass over x without its float32 copy).
- * Tasks of 64 columns, four vectors of sums each. */
-AVX512 static void column_squares_avx512(const void *x, int64_t tokens, int64_t width, int64_t ldx, int32_t kind,
-                                         float *out, int32_t threads) {
-    int64_t tasks = (width + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int64_t task = 0; task < tasks; task++) {
-        int64_t first = task * 64;
-        __mmask16 lanes[4];
-        __m512 sums[4];
-        for (int v = 0; v < 4; v++) lanes[v] = first + 16 * v < width ? first_lanes(width - first - 16 * v) : 0;
-        for (int64_t start = 0; start < tokens; start += SQUARES_CHUNK) {
-            int64_t end = start + SQUARES_CHUNK < tokens ? start + SQUARES_CHUNK : tokens;
-            for (int v = 0; v < 4; v++) sums[v] = _mm512_setzero_ps();
-            for (int64_t t = start; t < end; t++)
-                for (int v = 0; v < 4; v++) {
-                    __m512 value = load16(x, t * ldx + first + 16 * v, kind, lanes[v]);
-                    sums[v] = _mm512_add_ps(sums[v], _mm512_mul_ps(value, value));
-                }
-            for (int v = 0; v < 4; v++) {
-                __m512 total = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes[v], out + first + 16 * v), sums[v]);
-                _mm512_mask_storeu_ps(out + first + 16 * v, lanes[v], total);
-            }
-        }
-    }
-}
 #else
 static int available(void) { return 0; }
 #endif
@@ -229,20 +197,6 @@ int64_t sgpt_rotary(const void *x, const int64_t *x_strides, int32_t x_kind, con
     return 0;
 #else
     (void)x, (void)x_strides, (void)cos, (void)sin, (void)cs_strides, (void)out, (void)threads;
-    return ERROR_ISA;
-#endif
-}
-
-/* out (width float32 values) += the column sums of squares of x (tokens, width, row stride ldx) of `kind`. */
-int64_t sgpt_column_squares(const void *x, int64_t tokens, int64_t width, int64_t ldx, int32_t kind, float *out,
-                            int32_t threads) {
-    if (tokens < 0 || width <= 0 || ldx < width || !kind_valid(kind)) return ERROR_ARGUMENTS;
-    if (!available()) return ERROR_ISA;
-#if defined(__GNUC__) && defined(__x86_64__)
-    column_squares_avx512(x, tokens, width, ldx, kind, out, threads);
-    return 0;
-#else
-    (void)x, (void)out, (void)threads;
     return ERROR_ISA;
 #endif
 }

@@ -62,8 +62,6 @@ def _native() -> Any:
     library.sgpt_rotary.restype = integer
     library.sgpt_rotary.argtypes = [pointer, pointer, kind, pointer, pointer, pointer, kind, pointer, kind]
     library.sgpt_rotary.argtypes += [integer] * 4 + [kind]
-    library.sgpt_column_squares.restype = integer
-    library.sgpt_column_squares.argtypes = [pointer, integer, integer, integer, kind, pointer, kind]
     return library
 
 
@@ -138,36 +136,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         )
     _check(status, "rms_norm")
     return out
-
-
-def add_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
-    """``squares += (rows.float() ** 2).sum(dim=0)`` by the kernel, each square rounded to float32 and added
-    in row order, for a float32 ``squares`` and 2-D CPU ``rows`` (float32 or bfloat16, rows contiguous);
-    False (nothing done) where the kernel does not take them."""
-    library = _native()
-    if (
-        library is None
-        or squares.dtype != torch.float32
-        or not squares.is_contiguous()
-        or rows.ndim != 2
-        or rows.shape[1] != squares.shape[0]
-        or rows.stride(1) != 1
-        or not _plain(squares, rows)
-    ):
-        return False
-    tokens, width = rows.shape
-    with torch.profiler.record_function("sparsegpt::column_squares"):
-        status = library.sgpt_column_squares(
-            rows.data_ptr(),
-            tokens,
-            width,
-            rows.stride(0),
-            _KINDS[rows.dtype],
-            squares.data_ptr(),
-            _threads(rows),
-        )
-    _check(status, "column_squares")
-    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@
  *                     width) bf16 and G float32, both row-major, by AVX512_BF16 dot products (vdpbf16ps);
  *   sgpt_gram_f32     the same for float32 X, by fused multiply-adds;
  *   sgpt_linear_bf16  Y = X·Wᵀ (or Y += X·Wᵀ) for X (tokens, k) bf16, Y float32, and W (n, k) packed once
- *                     by sgpt_pack_bf16.
+ *                     by sgpt_pack_bf16;
+ * and the Gram matrix's diagonal alone, sgpt_column_squares (Wanda's squared input norms: d += Σ_t x[t]²
+ * per column, in one pass over bf16 or float32 X without a float32 copy of it).
  * Each product of two bf16 numbers is exact in float32; vdpbf16ps adds two of them to a float32 lane
  * with float32 rounding (denormal inputs and results are flushed to zero), so the results are float32
  * sums of the exact products, in another order than a float32 BLAS takes.
@@ -176,8 +178,55 @@ AVX512BF16 static void linear_bf16(const uint16_t *x, int64_t tokens, int64_t k,
         }
     }
 }
+#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+enum { SQUARES_CHUNK = 256 }; /* tokens column_squares sums before adding to its output (as hessian.py) */
+
+static int squares_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+/* 16 values of row-major bf16 or float32 data from `index` on, as float32; lanes outside `lanes` zero. */
+AVX512BW static inline __m512 load_lanes(const void *data, int64_t index, int f32, __mmask16 lanes) {
+    if (f32) return _mm512_maskz_loadu_ps(lanes, (const float *)data + index);
+    __m256i bits = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)data + index);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* out[j] += Σ_t x[t, j]² for x (tokens, width, row stride ldx): each square rounded to float32 and added in
+ * token order within chunks of SQUARES_CHUNK tokens, each chunk's sums then added to out (what
+ * solver/hessian.py sums by torch). Tasks of 64 columns, four vectors of sums each. */
+AVX512BW static void column_squares(int f32, const void *x, int64_t tokens, int64_t width, int64_t ldx, float *out,
+                                    int32_t threads) {
+    int64_t tasks = (width + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t first = task * 64;
+        __mmask16 lanes[4];
+        __m512 sums[4];
+        for (int v = 0; v < 4; v++) {
+            int64_t left = width - first - 16 * v;
+            lanes[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        for (int64_t start = 0; start < tokens; start += SQUARES_CHUNK) {
+            int64_t end = start + SQUARES_CHUNK < tokens ? start + SQUARES_CHUNK : tokens;
+            for (int v = 0; v < 4; v++) sums[v] = _mm512_setzero_ps();
+            for (int64_t t = start; t < end; t++)
+                for (int v = 0; v < 4; v++) {
+                    __m512 value = load_lanes(x, t * ldx + first + 16 * v, f32, lanes[v]);
+                    sums[v] = _mm512_add_ps(sums[v], _mm512_mul_ps(value, value));
+                }
+            for (int v = 0; v < 4; v++) {
+                __m512 total = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes[v], out + first + 16 * v), sums[v]);
+                _mm512_mask_storeu_ps(out + first + 16 * v, lanes[v], total);
+            }
+        }
+    }
+}
 #else
 static int available(int f32) { (void)f32; return 0; }
+static int squares_available(void) { return 0; }
 #endif
 
 /* --- entry points (0, or a negative error) -------------------------------------------------------- */
@@ -244,6 +293,20 @@ int64_t sgpt_linear_bf16(const uint16_t *x, int64_t tokens, int64_t k, int64_t l
     if (packed == NULL) return ERROR_MEMORY;
     linear_bf16(x, tokens, k, ldx, weight, n, out, ldo, accumulate, packed, threads);
     free(packed);
+#endif
+    return 0;
+}
+
+/* out (width float32 values) += the column sums of squares of x (tokens, width, row stride ldx), bf16 or
+ * float32 (`f32`). */
+int64_t sgpt_column_squares(const void *x, int64_t tokens, int64_t width, int64_t ldx, int32_t f32, float *out,
+                            int32_t threads) {
+    if (tokens < 0 || width <= 0 || ldx < width) return ERROR_ARGUMENTS;
+    if (!squares_available()) return ERROR_ISA;
+#if defined(__GNUC__) && defined(__x86_64__)
+    column_squares(f32 != 0, x, tokens, width, ldx, out, threads);
+#else
+    (void)x, (void)f32, (void)out, (void)threads;
 #endif
     return 0;
 }

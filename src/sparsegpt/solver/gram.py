@@ -134,6 +134,8 @@ def _native() -> Any:
     library.sgpt_linear_bf16.restype = integer
     library.sgpt_linear_bf16.argtypes = [pointer, integer, integer, integer, pointer, integer, pointer, integer]
     library.sgpt_linear_bf16.argtypes += [small, small]
+    library.sgpt_column_squares.restype = integer
+    library.sgpt_column_squares.argtypes = [pointer, integer, integer, integer, small, pointer, small]
     return library
 
 
@@ -231,6 +233,42 @@ def _native_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
         rows.data_ptr(), tokens, width, rows.stride(0), gram.data_ptr(), gram.stride(0), torch.get_num_threads()
     )
     _check(status, "Gram")
+
+
+# below this many values the squares run on one thread: a few rows are summed before another thread starts
+_PARALLEL_VALUES = 1 << 15
+
+
+def native_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
+    """``squares += (rows.float() ** 2).sum(dim=0)`` by the native kernel (the Gram matrix's diagonal alone),
+    each square rounded to float32 and added in row order within chunks of 256 rows, for a float32
+    ``squares`` and 2-D CPU ``rows`` (float32 or bfloat16, each row contiguous, no gradient); False
+    (nothing done) where the kernel does not take them or the processor lacks AVX-512 (F, BW, VL)."""
+    library = _native()
+    if (
+        library is None
+        or squares.dtype != torch.float32
+        or not squares.is_contiguous()
+        or rows.dtype not in (torch.float32, torch.bfloat16)
+        or rows.ndim != 2
+        or rows.shape[1] != squares.shape[0]
+        or rows.stride(1) != 1
+        or squares.device.type != "cpu"
+        or rows.device.type != "cpu"
+        or (torch.is_grad_enabled() and rows.requires_grad)
+    ):
+        return False
+    tokens, width = rows.shape
+    threads = torch.get_num_threads() if rows.numel() >= _PARALLEL_VALUES else 1
+    with torch.profiler.record_function("sparsegpt::column_squares"):  # named in profiles, as torch's ops are
+        status = library.sgpt_column_squares(
+            rows.data_ptr(), tokens, width, rows.stride(0), int(rows.dtype == torch.float32), squares.data_ptr(),
+            threads,
+        )  # fmt: skip
+    if status == -3:  # ERROR_ISA: no AVX-512 BW/VL here
+        return False
+    _check(status, "column squares")
+    return True
 
 
 def add_block_triangle(gram: torch.Tensor, rows: torch.Tensor, edges: list[int]) -> None:

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsegpt import fused
-from sparsegpt.solver.gram import add_gram, mirror_gram, triangle_edges
+from sparsegpt.solver.gram import add_gram, mirror_gram, native_column_squares, triangle_edges
 
 # rows squared and summed per chunk: a chunk's float32 squares stay in the cache, where a whole batch's
 # (tokens × width) go to memory and back
@@ -17,8 +16,8 @@ SQUARES_CHUNK = 256
 
 def add_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> None:
     """``squares += (rows²).sum(dim=0)`` with the squares formed in ``squares``' precision: in one pass by
-    the fused kernel where it takes them (float32 sums; ``fused.add_column_squares``), else by torch."""
-    if fused.add_column_squares(squares, rows):
+    the native kernel where it takes them (float32 sums; ``gram.native_column_squares``), else by torch."""
+    if native_column_squares(squares, rows):
         return
     for chunk in rows.split(SQUARES_CHUNK):
         squares.add_(chunk.to(squares.dtype).square().sum(dim=0))
