@@ -229,13 +229,13 @@ def test_block_forwards_of_the_pipeline_use_them(forward_dtype, monkeypatch):
     model = tiny_model("llama")
     tokens = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(1))
     entered = []
-    original = pipeline.fused_block_steps
+    original = fused.fused_block_steps
 
     def counting(module):
         entered.append(module)
         return original(module)
 
-    monkeypatch.setattr(pipeline, "fused_block_steps", counting)
+    monkeypatch.setattr(fused, "fused_block_steps", counting)  # as fused_steps_on calls it
     with torch.no_grad(), pipeline.forward_precision(forward_dtype, torch.device("cpu"), model):
         got = model(tokens).logits
     with torch.no_grad(), pipeline.forward_precision(forward_dtype, torch.device("cpu")):

@@ -316,6 +316,11 @@ def fused_block_steps(module: nn.Module) -> Iterator[int]:
             undo()
 
 
+def fused_steps_on(device: torch.device, module: nn.Module | None) -> contextlib.AbstractContextManager[Any]:
+    """``fused_block_steps(module)`` for forwards on the CPU; nothing for another device or no module."""
+    return fused_block_steps(module) if module is not None and device.type == "cpu" else contextlib.nullcontext()
+
+
 def _replace_steps(module: nn.Module, restore: list[Callable[[], None]], rotaries: dict[str, Any]) -> None:
     """The replacements of ``fused_block_steps``, each with its undoing appended to ``restore``."""
     for sub in module.modules():

@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsegpt.attention import native_attention_layers, native_available
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.fused import fused_block_steps
+from sparsegpt.fused import fused_steps_on
 from sparsegpt.host import native_attention_faster
 from sparsegpt.models import decoder_blocks
 
@@ -98,12 +98,9 @@ def generate_ids(
     else:
         windows = steps = native_attention and native_available()
     layers = native_attention_layers(model, windows, steps) if windows or steps else contextlib.nullcontext()
-    blocks = decoder_blocks(model)  # their elementwise steps by the fused kernels
-    steps_fused = (
-        fused_block_steps(blocks) if blocks is not None and model.device.type == "cpu" else contextlib.nullcontext()
-    )
+    fused = fused_steps_on(model.device, decoder_blocks(model))  # the blocks' elementwise steps
     start = time.perf_counter()
-    with torch.no_grad(), layers, steps_fused:
+    with torch.no_grad(), layers, fused:
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), streamer=clock, pad_token_id=pad, **options
         )

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.fused import fused_block_steps
+from sparsegpt.fused import fused_steps_on
 from sparsegpt.host import fast_split_bfloat16, native_attention, product_backend
 from sparsegpt.linears import float32_linear_call
 from sparsegpt.models import decoder_blocks
@@ -94,14 +94,13 @@ def scoring_precision(model: nn.Module, precision: str | None) -> Iterator[None]
     """Score ``model`` as ``precision`` says: None (its own precision) and "bfloat16" as a pruning pass
     runs its forwards (``pipeline.forward_precision``: float32 linear layers by the host's faster product,
     or bf16 autocast; causal attention by the native kernel where it measured faster; the decoder
-    blocks' elementwise steps by the fused kernels), "bfloat16" with
-    its output layer in float32 on float32 inputs; "split-bfloat16" splits the linear products
-    (``SplitBfloat16Linears``), attention as for float32."""
+    blocks' elementwise steps by the fused kernels), "bfloat16" with its output layer in float32 on
+    float32 inputs; "split-bfloat16" splits the linear products (``SplitBfloat16Linears``), attention and
+    the elementwise steps as for float32."""
     device = next(model.parameters()).device
     blocks = decoder_blocks(model)  # their elementwise steps fused, as a streamed evaluation's are
     if precision == "split-bfloat16":
-        steps = fused_block_steps(blocks) if blocks is not None and device.type == "cpu" else contextlib.nullcontext()
-        with steps, SplitBfloat16Linears(), native_attention(device, None):
+        with fused_steps_on(device, blocks), SplitBfloat16Linears(), native_attention(device, None):
             yield
         return
     if precision is None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sparsegpt.config import DEFAULT_REFINE, PruneConfig
 from sparsegpt.distributed import Ranks
 from sparsegpt.errors import SparseGPTError
-from sparsegpt.fused import fused_block_steps
+from sparsegpt.fused import fused_steps_on
 from sparsegpt.host import fast_bfloat16, float32_linears, native_attention, product_backend
 from sparsegpt.linears import SharedInputCasts
 from sparsegpt.models import (
@@ -479,7 +479,7 @@ def forward_precision(
     by the native kernel where it measured faster (``host.native_attention``), and on the CPU the
     elementwise steps of ``module`` (the block or model the forwards run through) by the fused kernels
     (``fused.fused_block_steps``)."""
-    steps = fused_block_steps(module) if module is not None and device.type == "cpu" else contextlib.nullcontext()
+    steps = fused_steps_on(device, module)
     if forward_dtype is None:
         with steps, float32_linears(device), native_attention(device, None):
             yield None

@@ -235,8 +235,7 @@ def _native_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
     _check(status, "Gram")
 
 
-# below this many values the squares run on one thread: a few rows are summed before another thread starts
-_PARALLEL_VALUES = 1 << 15
+_ERROR_ISA = -3  # what _gram.c's entry points return where the processor lacks the instructions
 
 
 def native_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
@@ -259,13 +258,12 @@ def native_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
     ):
         return False
     tokens, width = rows.shape
-    threads = torch.get_num_threads() if rows.numel() >= _PARALLEL_VALUES else 1
     with torch.profiler.record_function("sparsegpt::column_squares"):  # named in profiles, as torch's ops are
         status = library.sgpt_column_squares(
             rows.data_ptr(), tokens, width, rows.stride(0), int(rows.dtype == torch.float32), squares.data_ptr(),
-            threads,
+            torch.get_num_threads(),
         )  # fmt: skip
-    if status == -3:  # ERROR_ISA: no AVX-512 BW/VL here
+    if status == _ERROR_ISA:  # no AVX-512 BW/VL here
         return False
     _check(status, "column squares")
     return True
