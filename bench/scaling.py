@@ -4,13 +4,15 @@ accuracy against dense; and how much calibration text each method needs.
     python bench/scaling.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
         [--methods sparsegpt,wanda,magnitude] [--levels 0.5,2:4,0.7] [--nsamples 128] [--eval-windows 32]
         [--tasks arc_easy,...] [--limit 100] [--eval-precision auto] [--calibration-sizes 32,128,512]
-        [--calibration-model qwen2.5-coder-0.5b] [--results /tmp/scaling.jsonl] [--plot scaling.png]
+        [--calibration-model qwen2.5-coder-0.5b] [--calibration-levels 0.5] [--results /tmp/scaling.jsonl]
+        [--plot scaling.png]
 
 For each model, one ``sparsegpt.sweep`` (loaded once, every method at every level pruned from the dense
 weights; calibration ``--nsamples`` × 512 tokens of sotu:train, seed 0) scored on sotu:test (the
 calibration's domain) and enwiki (out of it), ``--eval-windows`` windows of 512 tokens each, and on the
-zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at 50%
-calibrated on each of ``--calibration-sizes`` windows (perplexity only). Each finished sweep is appended to ``--results``
+zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at each of
+``--calibration-levels`` calibrated on each of ``--calibration-sizes`` windows (perplexity only; ``--models ''``
+runs only this part). Each finished sweep is appended to ``--results``
 (JSON lines; a model already there is not run again), and each row of a sweep is kept as it is measured
 (``sparsegpt.journal``, beside ``--results``), so an interrupted run continues from its last row. Prints Markdown
 tables (perplexity, mean accuracy, the relative perplexity increase over dense and the accuracy drop) and
@@ -50,7 +52,8 @@ def run_sweep(
     config = PruneConfig(nsamples=nsamples, seqlen=512)
     settings = {"methods": methods, "levels": levels, "config": config.to_dict(), "windows": args.eval_windows}
     settings |= {"eval_precision": args.eval_precision, "tasks": args.tasks if tasks else None, "limit": args.limit}
-    out = args.results.with_name(f"{args.results.stem}-{alias}-{kind}-{nsamples}")
+    named = "+".join(levels).replace(":", "-")
+    out = args.results.with_name(f"{args.results.stem}-{alias}-{kind}-{nsamples}-{named}")
     journal = RowJournal(out, settings, resume=True, overwrite=False)
     started = time.perf_counter()
     result = sparsegpt.sweep(
@@ -68,12 +71,24 @@ def run_sweep(
     return {"seconds": time.perf_counter() - started, "eval_precision": args.eval_precision, **result}
 
 
-def done(path: Path) -> dict[tuple[str, str, int], dict]:
-    """The sweeps already in ``path``, by (model, kind, calibration windows)."""
+def done(path: Path) -> list[dict]:
+    """The sweeps already in ``path``."""
     if not path.is_file():
-        return {}
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(entry["alias"], entry["kind"], entry["nsamples"]): entry for entry in entries}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def covered(
+    entries: list[dict], alias: str, kinds: tuple[str, ...], nsamples: int, methods: list[str], levels: list[str]
+) -> bool:
+    """Whether one sweep of ``entries`` (of ``alias``, one of ``kinds``, ``nsamples`` windows) holds a row for
+    every method at every level."""
+    for entry in entries:
+        if (entry["alias"], entry["nsamples"]) == (alias, nsamples) and entry["kind"] in kinds:
+            rows = {(row["method"], row.get("level")) for row in entry["rows"]}
+            if all((method, level) in rows for method in methods for level in levels):
+                return True
+    return False
 
 
 def relative(row: dict, dense: dict, source: str) -> float:
@@ -102,22 +117,26 @@ def size_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def calibration_table(entries: list[dict]) -> str:
-    """Markdown: calibration windows × method -> perplexity in and out of the calibration's domain."""
+def calibration_table(entries: list[dict], levels: list[str]) -> str:
+    """Markdown: calibration windows × method × level (of ``levels``) -> perplexity in and out of the
+    calibration's domain."""
     lines = ["| model | windows | method | level | sotu:test | enwiki | Δ sotu | Δ enwiki | prune s |"]
     lines.append("|---" * 9 + "|")
-    for entry in sorted(entries, key=lambda entry: entry["nsamples"]):
-        dense = next(row for row in entry["rows"] if row["method"] == "dense")
-        for row in entry["rows"]:
-            if row["method"] not in ("sparsegpt", "wanda") or row.get("level") != "0.5":
-                continue
-            cells = [f"{row['ppl'][source]:.2f}" for source in SOURCES]
-            cells += [f"{relative(row, dense, source):+.1%}" for source in SOURCES]
-            lines.append(
-                f"| {entry['alias']} | {entry['nsamples']} | {row['method']} | {row['level']} | "
-                + " | ".join(cells)
-                + f" | {row['prune_seconds']:.0f} |"
-            )
+    found = [
+        (levels.index(row["level"]), row["method"], entry["nsamples"], entry, row)
+        for entry in entries
+        for row in entry["rows"]
+        if row["method"] in ("sparsegpt", "wanda") and row.get("level") in levels
+    ]
+    for _, method, windows, entry, row in sorted(found, key=lambda item: item[:3]):
+        dense = next(other for other in entry["rows"] if other["method"] == "dense")
+        cells = [f"{row['ppl'][source]:.2f}" for source in SOURCES]
+        cells += [f"{relative(row, dense, source):+.1%}" for source in SOURCES]
+        lines.append(
+            f"| {entry['alias']} | {windows} | {method} | {row['level']} | "
+            + " | ".join(cells)
+            + f" | {row['prune_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -182,31 +201,34 @@ def main() -> None:
     parser.add_argument("--eval-precision", default="auto", help="how perplexity is scored (sparsegpt.Evaluation)")
     parser.add_argument("--calibration-sizes", default="32,128,512", help="empty: skip this part")
     parser.add_argument("--calibration-model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--calibration-levels", default="0.5", help="levels of the calibration-size part")
     parser.add_argument("--results", type=Path, default=Path("/tmp/scaling.jsonl"))
     parser.add_argument("--plot", type=Path, default=Path("scaling.png"))
     args = parser.parse_args()
     methods, levels = args.methods.split(","), args.levels.split(",")
-    plans = [(alias, "sizes", args.nsamples, methods, levels) for alias in args.models.split(",")]
+    calibration_levels = args.calibration_levels.split(",")
+    plans = [(alias, "sizes", args.nsamples, methods, levels) for alias in filter(None, args.models.split(","))]
     for size in filter(None, args.calibration_sizes.split(",")):
-        plans.append((args.calibration_model, "calibration", int(size), ["sparsegpt", "wanda"], ["0.5"]))
+        plans.append((args.calibration_model, "calibration", int(size), ["sparsegpt", "wanda"], calibration_levels))
     for alias, kind, nsamples, its_methods, its_levels in plans:
-        if (alias, kind, nsamples) in done(args.results):
+        # (a size sweep at the same calibration may already hold a calibration sweep's rows)
+        kinds = ("sizes", "calibration") if kind == "calibration" else ("sizes",)
+        if covered(done(args.results), alias, kinds, nsamples, its_methods, its_levels):
             continue
-        if kind == "calibration" and (alias, "sizes", nsamples) in done(args.results):
-            continue  # the size sweep at this calibration already holds these rows
         result = run_sweep(alias, kind, its_methods, its_levels, nsamples, args)
         entry = {"alias": alias, "kind": kind, "nsamples": nsamples, "parameters": parameter_count(alias), **result}
         with args.results.open("a") as sink:
             sink.write(json.dumps(entry) + "\n")
         print(f"{alias} ({kind}, {nsamples} windows): {entry['seconds']:.0f} s", flush=True)
     entries = done(args.results)
-    sizes = [entry for (alias, kind, _), entry in entries.items() if kind == "sizes"]
-    calibrations = [entry for (alias, kind, _), entry in entries.items() if kind == "calibration"]
+    sizes = [entry for entry in entries if entry["kind"] == "sizes"]
+    calibrations = [entry for entry in entries if entry["kind"] == "calibration"]
     calibrations += [e for e in sizes if e["alias"] == args.calibration_model]  # its size sweep: one more size
-    print(size_table(sorted(sizes, key=lambda entry: entry["parameters"])))
+    if sizes:
+        print(size_table(sorted(sizes, key=lambda entry: entry["parameters"])))
     if calibrations:
         print()
-        print(calibration_table(calibrations))
+        print(calibration_table(calibrations, calibration_levels))
     if sizes:
         plot(sizes, args.plot)
         print(f"\nplot: {args.plot}")
