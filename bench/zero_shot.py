@@ -6,9 +6,10 @@ they take?
    own precision) and (b) by the harness's own transformers model, ``HFLM(pretrained=<the folder>)``, on
    the same folder and the same task definitions. Prints both and the largest difference.
 2. Time: the same seven tasks scored as ``sparsegpt eval --tasks`` does by default (precision auto) at
-   ``--limit``, wall seconds; with ``--full`` also with every document.
+   ``--limit``, wall seconds; with ``--full`` also with every document. The allocator is tuned as the CLI
+   tunes it (``host.keep_freed_memory``; ``--default-allocator``: glibc's own settings).
 
-    python bench/zero_shot.py [--model smollm2-135m] [--limit 100] [--full] [--skip-agreement]
+    python bench/zero_shot.py [--model smollm2-135m] [--limit 100] [--full] [--skip-agreement] [--default-allocator]
 
 Prints one JSON line per run, then a Markdown table.
 """
@@ -23,6 +24,7 @@ import torch
 
 import sparsegpt
 from sparsegpt import assets, zeroshot
+from sparsegpt.host import keep_freed_memory
 from sparsegpt.loading import load_model
 
 
@@ -40,7 +42,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(sparsegpt.OFFLINE_TASKS))
     parser.add_argument("--full", action="store_true", help="also score every document of every task")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument(
+        "--default-allocator", action="store_true", help="glibc's own settings, not the CLI's keep_freed_memory"
+    )
     args = parser.parse_args()
+    if not args.default_allocator:
+        keep_freed_memory()  # as `sparsegpt eval` does: its rows are labelled so
     tasks = zeroshot.parse_tasks(args.tasks)
     zeroshot.check_tasks(tasks)
     model, tokenizer, _ = load_model(args.model)
