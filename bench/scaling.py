@@ -12,8 +12,8 @@ weights; calibration ``--nsamples`` × 512 tokens of sotu:train, seed 0) scored 
 calibration's domain) and enwiki (out of it), ``--eval-windows`` windows of 512 tokens each, and on the
 zero-shot tasks at ``--limit`` documents each. Then, on ``--calibration-model``, SparseGPT and Wanda at each of
 ``--calibration-levels`` calibrated on each of ``--calibration-sizes`` windows (perplexity only; ``--models ''``
-runs only this part). Each finished sweep is appended to ``--results``
-(JSON lines; a model already there is not run again), and each row of a sweep is kept as it is measured
+runs only this part). Each finished sweep is appended to ``--results`` (JSON lines; a sweep already there,
+with every method at every level, is not run again), and each row of a sweep is kept as it is measured
 (``sparsegpt.journal``, beside ``--results``), so an interrupted run continues from its last row. Prints Markdown
 tables (perplexity, mean accuracy, the relative perplexity increase over dense and the accuracy drop) and
 draws ``--plot``: the relative increase against the parameter count, one line per method and level.

@@ -169,6 +169,9 @@ def native_mixed_gram(dtype: torch.dtype) -> bool:
     return bool(mixed_backends(dtype))
 
 
+_ERROR_ISA = -3  # what _gram.c's entry points return where the processor lacks the instructions
+
+
 def _check(status: int, what: str) -> None:
     """Raise where a native kernel reported an error (a bug here, not bad input: the callers check shapes)."""
     if status != 0:
@@ -233,9 +236,6 @@ def _native_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
         rows.data_ptr(), tokens, width, rows.stride(0), gram.data_ptr(), gram.stride(0), torch.get_num_threads()
     )
     _check(status, "Gram")
-
-
-_ERROR_ISA = -3  # what _gram.c's entry points return where the processor lacks the instructions
 
 
 def native_column_squares(squares: torch.Tensor, rows: torch.Tensor) -> bool:
